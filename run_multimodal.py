@@ -1,0 +1,993 @@
+#!/usr/bin/env python3
+"""Run Qwen's multimodal models (Qwen2.5-Omni, Qwen2.5-VL, Qwen3 Omni/VL, Qwen Instruct)
+on the machine you have, with one command.
+
+    python run_multimodal.py --prompt "Describe this image" --image_path photo.jpg
+
+It detects the hardware (Apple Silicon and MPS, CUDA GPUs, RAM, the CPU's bf16
+support), sizes the model exactly from its config.json, picks device, dtype and
+quantization, loads through transformers with device_map="auto", streams the answer
+to stdout and says on stderr what it found, what it chose and why, and how fast it ran.
+If memory runs out on a GPU it retries once on the CPU.
+
+Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+# torch, transformers, huggingface_hub and PIL are imported where they are first
+# needed, so that --help and usage errors answer at once.
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Omni-3B"
+DEFAULT_MAX_NEW_TOKENS = 512
+SMALLER_MODEL_HINT = "Qwen/Qwen2.5-1.5B-Instruct"
+
+# The existing guide's size tiers, applied to the exact parameter count of what loads.
+SMALL_MAX_PARAMETERS = 2.5e9   # "small (about 2B and under)": always MPS on Apple Silicon
+MEDIUM_MAX_PARAMETERS = 6.5e9  # "medium (3B-6B)": MPS with >= 16 GB of RAM; above: "large (7B and up)"
+MEDIUM_MPS_MIN_RAM_GB = 16
+LARGE_MPS_MIN_RAM_GB = 32
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+GB = 1024**3
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class UsageError(Exception):
+    """Bad input the user can fix (a flag, a file): exit code 2."""
+
+
+class RunError(Exception):
+    """A failure at run time (memory, missing package, network): exit code 1."""
+
+
+def say(message: str) -> None:
+    """A line for people: stderr, so that stdout carries only the answer."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- hardware detection ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CudaDevice:
+    name: str
+    total_bytes: int
+    free_bytes: int
+    bf16: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    system: str                  # platform.system(): "Darwin", "Linux", "Windows"
+    machine: str                 # "arm64", "x86_64", "aarch64"
+    cpu_count: int
+    cpu_bf16: bool               # native bf16 matmuls (AVX512-BF16/AMX, ARM BF16)
+    ram_total: int
+    ram_available: int
+    mps_built: bool = False
+    mps_available: bool = False
+    metal_budget: int | None = None   # torch.mps.recommended_max_memory()
+    cuda: tuple[CudaDevice, ...] = ()
+
+    @property
+    def apple_silicon(self) -> bool:
+        return self.system == "Darwin" and self.machine == "arm64"
+
+    @property
+    def ram_gb(self) -> float:
+        return round(self.ram_total / GB, 1)
+
+
+def cpu_has_native_bf16(system: str, machine: str, cpuinfo: str = "", sysctl_bf16: str = "") -> bool:
+    """Whether bf16 matmuls run natively; without it they are many times slower than fp32."""
+    if system == "Darwin":
+        return sysctl_bf16.strip() == "1"   # hw.optional.arm.FEAT_BF16: M2 and later
+    words = set(cpuinfo.replace(":", " ").split())
+    if machine in ("x86_64", "AMD64", "i686"):
+        return bool(words & {"avx512_bf16", "amx_bf16"})
+    return "bf16" in words                 # ARM Linux "Features" line
+
+
+def _read_cpu_bf16(system: str, machine: str) -> bool:
+    cpuinfo = sysctl = ""
+    if system == "Linux":
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            pass
+    elif system == "Darwin":
+        import subprocess
+        try:
+            sysctl = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True,
+                                    text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return cpu_has_native_bf16(system, machine, cpuinfo, sysctl)
+
+
+def detect_hardware() -> Hardware:
+    """Look at this machine: OS, CPU, RAM, MPS and CUDA."""
+    import psutil
+    import torch
+
+    system, machine = platform.system(), platform.machine()
+    memory = psutil.virtual_memory()
+    mps_built = torch.backends.mps.is_built()
+    mps_available = mps_built and torch.backends.mps.is_available()
+    metal_budget = None
+    if mps_available:
+        try:
+            metal_budget = int(torch.mps.recommended_max_memory())
+        except (AttributeError, RuntimeError):
+            pass
+    cuda = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            major, _ = torch.cuda.get_device_capability(index)
+            cuda.append(CudaDevice(torch.cuda.get_device_name(index), total, free, bf16=major >= 8))
+    return Hardware(system=system, machine=machine, cpu_count=os.cpu_count() or 1,
+                    cpu_bf16=_read_cpu_bf16(system, machine), ram_total=memory.total,
+                    ram_available=memory.available, mps_built=mps_built, mps_available=mps_available,
+                    metal_budget=metal_budget, cuda=tuple(cuda))
+
+
+def describe_hardware(hw: Hardware) -> list[str]:
+    """The hardware report, in the existing guide's words where it has them."""
+    lines = []
+    if hw.apple_silicon:
+        if hw.mps_available:
+            lines.append("🍎 Apple Silicon detected with MPS support")
+        elif hw.mps_built:
+            lines.append("🍎 Apple Silicon detected, but MPS is not available (it needs macOS 12.3 or later)")
+        else:
+            lines.append("🍎 Apple Silicon detected, but this PyTorch was built without MPS")
+    lines.append(f"📊 System RAM: {hw.ram_gb:.1f} GB ({hw.ram_available / GB:.1f} GB available)")
+    if hw.metal_budget:
+        lines.append(f"🍎 Metal working-set limit: {hw.metal_budget / GB:.1f} GB")
+    for index, gpu in enumerate(hw.cuda):
+        lines.append(f"🟢 CUDA GPU {index}: {gpu.name}, {gpu.total_bytes / GB:.1f} GB "
+                     f"({gpu.free_bytes / GB:.1f} GB free)")
+    lines.append(f"🧮 CPU: {hw.machine}, {hw.cpu_count} cores, native bf16: {'yes' if hw.cpu_bf16 else 'no'}")
+    return lines
+
+
+# --- the model: where it is, what it takes, how big it is ---------------------------
+
+OMNI_MODEL_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What config.json says, read without torch."""
+    model_id: str
+    config_path: Path
+    model_type: str
+    kind: str                 # "omni" (thinker + talker), "multimodal" or "text"
+    inputs: frozenset[str]    # among "text", "image", "audio", "video"
+
+
+def model_info_from_config(model_id: str, config_path: Path, config: dict) -> ModelInfo:
+    """Classify a checkpoint from its config.json: what it takes in and how it loads."""
+    model_type = str(config.get("model_type", ""))
+    inner = config.get("thinker_config", config)
+    inputs = {"text"}
+    if "vision_config" in inner:
+        inputs |= {"image", "video"}
+    if "audio_config" in inner:
+        inputs.add("audio")
+    if "thinker_config" in config:
+        kind = "omni"
+    elif inputs != {"text"}:
+        kind = "multimodal"
+    else:
+        kind = "text"
+    return ModelInfo(model_id, config_path, model_type, kind, frozenset(inputs))
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One quick TCP connection to the Hub, so an offline machine does not sit through retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(model_id: str) -> ModelInfo:
+    """Find config.json: in a local folder, in the Hugging Face cache, or on the Hub."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"--model_id {model_id}: this folder has no config.json; "
+                             "point it at a model folder (one that holds config.json and the weights)")
+    elif path.exists():
+        raise UsageError(f"--model_id {model_id}: this is a file; give a model folder or a Hugging Face id "
+                         f"such as {DEFAULT_MODEL_ID}")
+    elif model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id:
+        raise UsageError(f"--model_id {model_id}: no such folder; check the path")
+    else:
+        config_path = _hub_config(model_id)
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
+                         "the model folder looks damaged") from exc
+    return model_info_from_config(model_id, config_path, config)
+
+
+def _hub_config(repo_id: str) -> Path:
+    """config.json of a Hub model: from the cache when offline, downloaded otherwise."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() not in ("1", "ON", "YES", "TRUE"):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        if not hub_reachable(endpoint):
+            say(f"📴 {endpoint} cannot be reached: using the local Hugging Face cache only")
+            os.environ["HF_HUB_OFFLINE"] = "1"   # read by huggingface_hub when it is first imported
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except HFValidationError as exc:
+        raise UsageError(f"--model_id {repo_id}: neither a local folder nor a valid Hugging Face id "
+                         f"(like {DEFAULT_MODEL_ID})") from exc
+    except GatedRepoError as exc:
+        raise RunError(f"--model_id {repo_id}: this model is gated; accept its terms on huggingface.co "
+                       "and log in with `hf auth login`") from exc
+    except RepositoryNotFoundError as exc:
+        raise UsageError(f"--model_id {repo_id}: no such model on the Hugging Face Hub; check the spelling "
+                         "(private models need `hf auth login`)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise RunError(f"--model_id {repo_id}: not in the Hugging Face cache and the Hub cannot be reached; "
+                       "connect to the internet once to download it, or pass a local model folder") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    total: int                        # every parameter in the checkpoint, tied weights once
+    components: dict[str, int]        # Omni: thinker, talker, token2wav
+    loading: int                      # what will be loaded
+
+
+def _silence_transformers(debug: bool) -> None:
+    import transformers
+
+    if not debug:
+        transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def load_config(info: ModelInfo, trust_remote_code: bool):
+    """transformers' config object, with its errors turned into messages."""
+    from transformers import AutoConfig
+
+    source = str(info.config_path.parent)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(f"--model_id {info.model_id}: this model ships its own Python code, which would run "
+                             "on your machine; pass --trust_remote_code only if you trust its authors") from exc
+        import transformers
+        raise RunError(f"--model_id {info.model_id}: model type '{info.model_type}' is not known to "
+                       f"transformers {transformers.__version__}; upgrade it with "
+                       "`pip install -U transformers`") from exc
+
+
+def count_parameters(config, info: ModelInfo, thinker_only: bool, trust_remote_code: bool) -> ModelSize:
+    """Exact parameter counts from the config alone, on the meta device (no weights, no memory)."""
+    from accelerate import init_empty_weights
+
+    model_class = _model_class(info, thinker_only=False)
+    with init_empty_weights():
+        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()   # tied embeddings are one tensor: count them once
+    total = sum(p.numel() for p in model.parameters())
+    components = {}
+    if info.kind == "omni":
+        components = {name: sum(p.numel() for p in child.parameters())
+                      for name, child in model.named_children()}
+    loading = components.get("thinker", total) if thinker_only else total
+    return ModelSize(total, components, loading)
+
+
+def _model_class(info: ModelInfo, thinker_only: bool):
+    """The transformers class that loads this checkpoint."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForMultimodalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+
+    if info.kind == "text":
+        return AutoModelForCausalLM
+    if thinker_only:
+        # Omni without speech: the thinker alone, straight from the full checkpoint.
+        return getattr(transformers, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[f"{info.model_type}_thinker"])
+    return AutoModelForMultimodalLM
+
+
+# --- the plan: device, dtype, quantization, and why -----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the user asked for that bears on the plan."""
+    device: str = "auto"          # auto, mps, cuda, cpu
+    dtype: str = "auto"           # auto, float16, bfloat16, float32
+    quantize: str = "none"        # none, 4bit, 8bit
+    force_cpu: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    device: str                   # "mps", "cuda" or "cpu"
+    dtype: str                    # "float16", "bfloat16" or "float32"
+    quantization: str | None      # None, "4bit" or "8bit"
+    tier: str                     # "small", "medium" or "large"
+    reasons: tuple[str, ...]
+
+
+def size_tier(parameters: int) -> str:
+    if parameters <= SMALL_MAX_PARAMETERS:
+        return "small"
+    return "medium" if parameters <= MEDIUM_MAX_PARAMETERS else "large"
+
+
+def choose_device(hw: Hardware, tier: str, request: Request) -> tuple[str, str]:
+    """The guide's placement policy: (device, reason)."""
+    if request.force_cpu:
+        return "cpu", "🔧 --force_cpu: using the CPU"
+    if request.device != "auto":
+        return request.device, f"🔧 --device {request.device}: using {request.device.upper()} as asked"
+    if hw.cuda:
+        return "cuda", f"🚀 NVIDIA GPU found ({hw.cuda[0].name}) - using CUDA"
+    if hw.apple_silicon and hw.mps_available:
+        if tier == "small":
+            return "mps", "🚀 Small model - using MPS"
+        needed = MEDIUM_MPS_MIN_RAM_GB if tier == "medium" else LARGE_MPS_MIN_RAM_GB
+        if hw.ram_gb >= needed:
+            return "mps", f"🚀 {tier.capitalize()} model with sufficient RAM - using MPS"
+        return "cpu", (f"💻 {tier.capitalize()} model needs {needed} GB of RAM for MPS "
+                       f"(this Mac has {hw.ram_gb:.1f} GB) - using CPU")
+    if hw.apple_silicon:
+        return "cpu", "💻 MPS is not available - using CPU"
+    return "cpu", "💻 No GPU found - using CPU"
+
+
+def choose_dtype(hw: Hardware, device: str, request: Request) -> tuple[str, str]:
+    """float16 on MPS; bfloat16 on CUDA where supported; bfloat16 on a CPU only where it is native."""
+    if request.dtype != "auto":
+        return request.dtype, f"🔧 --dtype {request.dtype}: as asked"
+    if device == "mps":
+        return "float16", "🔢 float16 on MPS for memory efficiency"
+    if device == "cuda":
+        if all(gpu.bf16 for gpu in hw.cuda):
+            return "bfloat16", "🔢 bfloat16 on CUDA"
+        return "float16", "🔢 float16 on CUDA (this GPU has no bfloat16)"
+    if hw.cpu_bf16:
+        return "bfloat16", "🔢 bfloat16 on the CPU (it has native bf16)"
+    return "float32", "🔢 float32 on the CPU (it lacks native bf16, which would be many times slower)"
+
+
+def choose_quantization(hw: Hardware, device: str, request: Request) -> tuple[str | None, list[str]]:
+    """bitsandbytes on CUDA only; never tried on Apple Silicon."""
+    if request.quantize == "none":
+        return None, []
+    if hw.apple_silicon:
+        return None, ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
+                      "💡 MPS will provide GPU acceleration instead"]
+    if device != "cuda":
+        return None, [f"⚠️ Skipping --quantize {request.quantize}: bitsandbytes quantization needs a CUDA GPU"]
+    return request.quantize, [f"🗜️ {request.quantize} quantization with bitsandbytes"]
+
+
+def choose_plan(hw: Hardware, parameters: int, request: Request) -> Plan:
+    """Device, dtype and quantization for this model on this hardware: a pure function."""
+    tier = size_tier(parameters)
+    device, device_reason = choose_device(hw, tier, request)
+    dtype, dtype_reason = choose_dtype(hw, device, request)
+    quantization, quantization_reasons = choose_quantization(hw, device, request)
+    return Plan(device, dtype, quantization, tier, (device_reason, dtype_reason, *quantization_reasons))
+
+
+def check_device_available(hw: Hardware, request: Request) -> None:
+    if request.device == "cuda" and not hw.cuda:
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device auto or --device cpu")
+    if request.device == "mps" and not hw.mps_available:
+        raise UsageError("--device mps: MPS is not available here (it needs Apple Silicon and macOS 12.3+); "
+                         "use --device auto or --device cpu")
+
+
+def cpu_plan(hw: Hardware, plan: Plan, why: str) -> Plan:
+    """The plan to fall back to after running out of memory: the CPU with the CPU's dtype."""
+    dtype, dtype_reason = choose_dtype(hw, "cpu", Request())
+    return Plan("cpu", dtype, None, plan.tier, (why, dtype_reason))
+
+
+# --- loading ----------------------------------------------------------------------
+
+def torch_dtype(name: str):
+    import torch
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_model(info: ModelInfo, plan: Plan, thinker_only: bool, trust_remote_code: bool):
+    """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kwargs = dict(dtype=torch_dtype(plan.dtype), trust_remote_code=trust_remote_code)
+    if plan.device != "cpu":
+        if info.kind == "omni":
+            # accelerate offloading part of an Omni model to CPU or disk leaves meta
+            # tensors behind and generation dies (QwenLM/Qwen2.5-Omni #110, #149, #356):
+            # the whole model goes on the one device, or memory runs out and we fall back.
+            kwargs["device_map"] = {"": plan.device}
+        else:
+            kwargs["device_map"] = "auto"
+            if plan.device == "mps":
+                say("🍎 Using MPS device mapping for Apple Silicon GPU")
+    if plan.quantization:
+        kwargs["quantization_config"] = _bitsandbytes_config(plan)
+    model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
+    model.eval()
+    loader = AutoTokenizer if info.kind == "text" else AutoProcessor
+    processor = loader.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
+    offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+    if plan.device != "cpu" and offloaded:
+        say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
+            "(slow). A smaller model or --quantize 4bit would fit")
+    return model, processor
+
+
+def _bitsandbytes_config(plan: Plan):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
+                       "(or run without --quantize)")
+    from transformers import BitsAndBytesConfig
+
+    if plan.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=torch_dtype(plan.dtype))
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+# --- inputs -------------------------------------------------------------------------
+
+def load_image(path: str):
+    """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"--image_path {path}: file not found; check the path")
+    if file.is_dir():
+        raise UsageError(f"--image_path {path}: this is a folder; give an image file")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except PermissionError as exc:
+        raise UsageError(f"--image_path {path}: permission denied; make the file readable") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UsageError(f"--image_path {path}: not a readable image (JPEG, PNG, WebP, ...); "
+                         "check that the file is a complete picture") from exc
+
+
+def build_messages(prompt: str, system_prompt: str | None, images: list, kind: str) -> list[dict]:
+    """A chat in transformers' format; media go in the user turn before the text."""
+    messages = []
+    if kind == "text":
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        return messages
+    if system_prompt:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    content = [{"type": "image", "image": image} for image in images]
+    content.append({"type": "text", "text": prompt})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def prepare_inputs(processor, messages: list[dict], device):
+    """Chat template and media through the processor; tensors on the model's device."""
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    return inputs.to(device)
+
+
+# --- generation -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Stats:
+    device: str
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        """Overrides of the model's generation_config; nothing given keeps the model's defaults."""
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens}
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        chosen = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+        return {**kwargs, "do_sample": True, **chosen} if chosen else kwargs
+
+
+def describe_sampling(generation_config, sampling: Sampling) -> str:
+    kwargs = sampling.generate_kwargs()
+    if not kwargs.get("do_sample", generation_config.do_sample):
+        return "🎯 Greedy decoding" + (" (--temperature 0)" if sampling.temperature == 0 else "")
+    values = {k: kwargs.get(k, getattr(generation_config, k, None)) for k in ("temperature", "top_p", "top_k")}
+    return "🎲 Sampling: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
+
+
+def _make_streamer(tokenizer):
+    """A TextIteratorStreamer that also notes when each new token arrives."""
+    from transformers import TextIteratorStreamer
+
+    class TimedStreamer(TextIteratorStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.token_times: list[float] = []
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                self.token_times.append(time.perf_counter())
+            super().put(value)
+
+    return TimedStreamer()
+
+
+def _stop_criteria(stop: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop.is_set()
+
+    return StoppingCriteriaList([StopWhenAsked()])
+
+
+def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: Stats) -> str:
+    """Generate in a thread and print the answer to stdout as it comes (or at the end)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    streamer = _make_streamer(tokenizer)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            model.generate(**inputs, **sampling.generate_kwargs(), streamer=streamer,
+                           stopping_criteria=_stop_criteria(stop))
+        except BaseException as exc:   # re-raised in the main thread
+            failure.append(exc)
+            streamer.end()
+
+    stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
+    start = time.perf_counter()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    pieces: list[str] = []
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            if stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stop.set()
+        thread.join()
+        raise
+    thread.join()
+    if failure:
+        if stream and "".join(pieces):   # end the partial answer's line
+            sys.stdout.write("\n")
+        raise failure[0]
+    text = "".join(pieces)
+    sys.stdout.write(text + "\n" if not stream else "\n")
+    sys.stdout.flush()
+    times = streamer.token_times
+    stats.new_tokens = len(times)
+    if times:
+        stats.ttft_s = times[0] - start
+        if len(times) > 1:
+            stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0])
+    return text
+
+
+def peak_memory(device: str) -> tuple[int | None, str]:
+    """Peak memory of the device used: CUDA max allocated, MPS driver memory, or process RSS."""
+    import torch
+
+    if device == "cuda":
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())), \
+            "CUDA max allocated"
+    if device == "mps":
+        return int(torch.mps.driver_allocated_memory()), "MPS driver memory"
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak if sys.platform == "darwin" else peak * 1024), "peak process RSS"
+    except ImportError:   # Windows
+        import psutil
+        return psutil.Process().memory_info().rss, "process RSS"
+
+
+def describe_stats(stats: Stats) -> str:
+    parts = [f"load {stats.load_s:.1f} s", f"prompt {stats.prompt_tokens} tokens"]
+    if stats.ttft_s is not None:
+        parts.append(f"first token {stats.ttft_s:.2f} s")
+    speed = f" at {stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_tokens_per_s else ""
+    parts.append(f"{stats.new_tokens} new tokens{speed}")
+    if stats.peak_memory_bytes is not None:
+        parts.append(f"peak memory {stats.peak_memory_bytes / GB:.2f} GB ({stats.peak_memory_kind})")
+    return f"📈 {stats.device}: " + " · ".join(parts)
+
+
+# --- running, with one retry on the CPU when memory runs out ---------------------------
+
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate",
+                         "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, MPS 'out of memory', failed CPU allocations."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    info: ModelInfo
+    messages: list
+    sampling: Sampling
+    stream: bool
+    thinker_only: bool
+    trust_remote_code: bool
+
+
+def run_plan(job: Job, plan: Plan) -> Stats:
+    """Load, prepare the inputs, generate; stats on the way."""
+    import torch
+
+    stats = Stats(device=plan.device)
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model, processor = load_model(job.info, plan, job.thinker_only, job.trust_remote_code)
+    stats.load_s = time.perf_counter() - start
+    say(describe_sampling(model.generation_config, job.sampling))
+    try:
+        inputs = prepare_inputs(processor, job.messages, model.device)
+        with torch.inference_mode():
+            generate(model, processor, inputs, job.sampling, job.stream, stats)
+        stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(plan.device)
+    finally:
+        del model
+    return stats
+
+
+def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Stats:
+    """Run the plan; if memory runs out on an accelerator, free it and retry once on the CPU."""
+    try:
+        return run_plan(job, plan)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if plan.device == "cpu":
+            raise RunError(f"out of memory on the CPU; try a smaller model such as {SMALLER_MODEL_HINT} "
+                           "or fewer --max_new_tokens") from exc
+        failed = plan.device
+    free_memory()
+    fallback = cpu_plan(hw, plan, f"⚠️ Out of memory on {failed}: freed it, retrying once on the CPU")
+    for line in fallback.reasons:
+        say(line)
+    try:
+        return run_plan(job, fallback)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise RunError(f"out of memory on {failed} and on the CPU; try a smaller model such as "
+                           f"{SMALLER_MODEL_HINT} or fewer --max_new_tokens") from exc
+        raise
+
+
+# --- offline self-test --------------------------------------------------------------
+
+QWEN_CHAT_TEMPLATE = (   # Qwen2.5 Instruct's chat format (without tool calls)
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SELF_TEST_CORPUS = ["Hello! How can I help you today?", "The cat sat on the warm blanket.",
+                    "Explain quantum computing in simple terms.", "A cup of coffee on a wooden table."]
+
+
+def train_tokenizer(corpus: list[str], special_tokens: list[str], chat_template: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Qwen's pre-tokenizer, trained here on a few sentences."""
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer().train_new_from_iterator([corpus * 4], vocab_size=vocab_size,
+                                                         new_special_tokens=special_tokens)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_qwen2(folder: Path, corpus: list[str] = SELF_TEST_CORPUS,
+                     special_tokens: list[str] = QWEN_SPECIAL_TOKENS) -> Path:
+    """A random-weight Qwen2 checkpoint of 0.1 M parameters, saved like a real one.
+
+    initializer_range 0.2 rather than 0.02: near-flat logits would make it answer only newlines."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer(corpus, special_tokens, QWEN_CHAT_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           (("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>"))}
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         max_window_layers=2, tie_word_embeddings=True, initializer_range=0.2, **ids)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def self_test(hw: Hardware, request: Request, debug: bool) -> int:
+    """Check this installation offline: a tiny model through the real loading and generation path."""
+    import tempfile
+
+    _silence_transformers(debug)
+    with tempfile.TemporaryDirectory(prefix="run_multimodal_selftest_") as folder:
+        start = time.perf_counter()
+        build_tiny_qwen2(Path(folder))
+        say(f"🧪 Built a tiny random-weight Qwen2 model in {time.perf_counter() - start:.1f} s")
+        info = resolve_model(folder)
+        size = count_parameters(load_config(info, False), info, False, False)
+        plan = choose_plan(hw, size.loading, request)
+        for line in plan.reasons:
+            say(line)
+        job = Job(info, build_messages("Say hello.", None, [], "text"), Sampling(max_new_tokens=8, temperature=0),
+                  stream=False, thinker_only=False, trust_remote_code=False)
+        stats = run_with_fallback(job, plan, hw)
+    say(describe_stats(stats))
+    if stats.new_tokens < 1:
+        raise RunError("self-test: the tiny model generated no tokens")
+    say(f"✅ Self-test passed: torch, transformers and accelerate work, and generation runs on {stats.device}")
+    return EXIT_OK
+
+
+# --- command line -------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line naming the flag (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"Error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not (low < value if low_open else low <= value) or not value <= high or value != value:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="run_multimodal.py",
+        description="Run Qwen's multimodal and text models on this machine: picks device, dtype and "
+                    "quantization from the hardware and the model's exact size, streams the answer to stdout.",
+        epilog="Example: python run_multimodal.py --prompt \"Describe this image\" "
+               "--image_path sample_data/sample_image.jpg")
+    model = parser.add_argument_group("model and input")
+    model.add_argument("--model_id", default=DEFAULT_MODEL_ID,
+                       help=f"Hugging Face model id or local model folder (default: {DEFAULT_MODEL_ID})")
+    model.add_argument("--prompt", help="the question or instruction; '-' reads it from stdin")
+    model.add_argument("--image_path", action="append", default=[], metavar="PATH",
+                       help="an image to show the model; give the flag again for more images")
+    model.add_argument("--system_prompt", help="replace the model's default system prompt")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max_new_tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    gen.add_argument("--temperature", type=_float_in(0, 100, low_open=False),
+                     help="sampling temperature; 0 means greedy (default: the model's own setting)")
+    gen.add_argument("--top_p", type=_float_in(0, 1, low_open=True),
+                     help="nucleus sampling, in (0, 1] (default: the model's own setting)")
+    gen.add_argument("--top_k", type=_non_negative_int, help="sample among the k likeliest tokens; 0 turns it off")
+    gen.add_argument("--seed", type=_non_negative_int, help="random seed, for repeatable sampling")
+    gen.add_argument("--no_stream", action="store_true", help="print the answer once at the end")
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
+                    help="where to run (default: auto, by the size policy)")
+    hw.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                    help="weights' precision (default: auto: float16 on MPS, bfloat16 on CUDA, "
+                         "bfloat16 or float32 on the CPU)")
+    hw.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
+                    help="bitsandbytes quantization, CUDA only (default: none)")
+    hw.add_argument("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
+    misc = parser.add_argument_group("other")
+    misc.add_argument("--trust_remote_code", action="store_true",
+                      help="allow a model repository to run its own Python code (off by default: it runs "
+                           "with your permissions)")
+    misc.add_argument("--self_test", action="store_true",
+                      help="check this installation offline with a tiny built-in model, then exit")
+    misc.add_argument("--debug", action="store_true", help="show tracebacks and transformers' warnings")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is None:
+        raise UsageError("--prompt is required (or --prompt - to read it from stdin)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("--prompt is empty; give the question or instruction to answer")
+    return prompt.strip()
+
+
+def request_from_args(args: argparse.Namespace) -> Request:
+    if args.force_cpu and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
+    return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole job, in the order the data flows."""
+    request = request_from_args(args)
+    if args.self_test:
+        hw = detect_hardware()
+        check_device_available(hw, request)
+        for line in describe_hardware(hw):
+            say(line)
+        return self_test(hw, request, args.debug)
+
+    # Everything the user typed is checked before anything heavy happens.
+    prompt = read_prompt(args)
+    images = [load_image(path) for path in args.image_path]
+    info = resolve_model(args.model_id)
+    if images and "image" not in info.inputs:
+        raise UsageError(f"--image_path: {args.model_id} is a text-only model and cannot see images; "
+                         f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
+
+    _silence_transformers(args.debug)
+    thinker_only = info.kind == "omni"   # speech output is not asked for: the talker stays on disk
+    size = count_parameters(load_config(info, args.trust_remote_code), info, thinker_only, args.trust_remote_code)
+
+    hw = detect_hardware()
+    check_device_available(hw, request)
+    for line in describe_hardware(hw):
+        say(line)
+    say(describe_size(info, size, thinker_only))
+    plan = choose_plan(hw, size.loading, request)
+    for line in plan.reasons:
+        say(line)
+
+    if args.seed is not None:
+        from transformers import set_seed
+        set_seed(args.seed)
+    job = Job(info, build_messages(prompt, args.system_prompt, images, info.kind),
+              Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
+              stream=not args.no_stream, thinker_only=thinker_only, trust_remote_code=args.trust_remote_code)
+    stats = run_with_fallback(job, plan, hw)
+    say(describe_stats(stats))
+    return EXIT_OK
+
+
+def format_count(n: int) -> str:
+    """1.54 B, 243.9 M, 98.3 K: parameter counts for people."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
+
+
+def describe_size(info: ModelInfo, size: ModelSize, thinker_only: bool) -> str:
+    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(size.total)} parameters"
+    if thinker_only and size.loading != size.total:
+        line += (f"; loading the thinker only ({format_count(size.loading)}): no speech output was asked for, "
+                 "so the talker and token2wav stay on disk")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        return _fail(exc, EXIT_USAGE, args.debug)
+    except RunError as exc:
+        return _fail(exc, EXIT_FAILURE, args.debug)
+    except KeyboardInterrupt:
+        say("\n⏹️ Interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:   # anything unexpected: one line, the traceback with --debug
+        message = f"{type(exc).__name__}: {exc}"
+        if is_out_of_memory(exc):
+            message = f"out of memory ({message})"
+        return _fail(RunError(message + " (run again with --debug for the traceback)"), EXIT_FAILURE, args.debug)
+
+
+def _fail(exc: Exception, code: int, debug: bool) -> int:
+    if debug:
+        import traceback
+        traceback.print_exception(exc)
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"Error: {first_line}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

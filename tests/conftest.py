@@ -1,0 +1,42 @@
+"""Fixtures: tiny random-weight checkpoints built once per session, and a way to run the
+real script as a user does (a subprocess, offline)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "run_multimodal.py"
+SAMPLE_IMAGE = ROOT / "sample_data" / "sample_image.jpg"
+SECOND_IMAGE = ROOT / "sample_data" / "coffee.jpg"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a user with no network: the Hub is never asked."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
+    return env
+
+
+def run_tool(*args: str, env: dict | None = None, stdin: str | None = None,
+             script: Path = SCRIPT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """python run_multimodal.py ARGS, as a user types it."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          env=env or offline_env(), input=stdin, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """qwen2 (text), qwen2_5_vl and qwen2_5_omni (full: thinker, talker, token2wav, voices)."""
+    import tiny_models as builders
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: build(root / name) for name, build in builders.BUILDERS.items()}

@@ -1,0 +1,53 @@
+"""run_multimodal.py with memory running out where a GPU of another size would run out.
+
+Used by test_memory_fallback.py. Environment:
+  SIMULATED_GPU_GB=8   a CUDA GPU of that size is present (we have none here): loading onto
+                       it raises torch.OutOfMemoryError, as a real one would for a model too big
+  OOM_AT_GENERATE=1    the first call of generate() raises torch.OutOfMemoryError
+The tool itself runs unchanged; only transformers' entry points and the hardware are wrapped.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import run_multimodal as rm  # noqa: E402
+
+gpu_gb = os.environ.get("SIMULATED_GPU_GB")
+if gpu_gb:
+    real_detect = rm.detect_hardware
+
+    def detect_with_gpu():
+        gpu = rm.CudaDevice("Simulated GPU", int(gpu_gb) * rm.GB, int(gpu_gb) * rm.GB, bf16=True)
+        return rm.dataclasses.replace(real_detect(), cuda=(gpu,))
+
+    rm.detect_hardware = detect_with_gpu
+    torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+    real_from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("device_map") is not None:   # bound for the (simulated) GPU
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+if os.environ.get("OOM_AT_GENERATE"):
+    real_generate = transformers.GenerationMixin.generate
+    calls = []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        print(f"[oom_wrapper] generate call {len(calls)}", file=sys.stderr)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return real_generate(self, *args, **kwargs)
+
+    transformers.GenerationMixin.generate = generate
+
+sys.exit(rm.main())

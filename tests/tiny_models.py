@@ -1,0 +1,256 @@
+"""Build tiny random-weight Qwen checkpoints on disk, for tests and offline checks.
+
+Each checkpoint is what a user's download looks like: config.json, safetensors
+weights, a tokenizer trained here, a Qwen chat template and (for multimodal models)
+the processor's files. The tool loads them back through `from_pretrained`.
+
+    python tests/tiny_models.py OUTDIR      # writes OUTDIR/qwen2, qwen2_5_vl, qwen2_5_omni
+
+With --full-size the same checkpoints keep the real configs' sizes (Qwen2.5-3B-Instruct,
+Qwen2.5-VL-3B-Instruct, Qwen2.5-Omni-3B) with random weights in bfloat16 (token2wav in
+float32, as published): decode speed does not depend on the weights' values, so these
+measure the tool on real-size models without downloading them.
+
+    python tests/tiny_models.py OUTDIR --full-size --device cuda --only qwen2 qwen2_5_omni
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import run_multimodal  # noqa: E402
+
+SHARED_CONFIGS = Path(__file__).resolve().parent / "configs"  # copies of ../shared/model_configs
+
+# The special tokens of Qwen2.5 checkpoints, in their published order (ids 151643...).
+QWEN_TEXT_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Qwen2.5-Omni renames some of them (its ids 151646-151656).
+QWEN_OMNI_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
+    "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>",
+]
+
+# Qwen's chat format: a default system turn, <|im_start|>role\n ... <|im_end|>\n per turn,
+# media placeholders inside the user turn, and "<|im_start|>assistant\n" to answer.
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_OMNI_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The cat sat on the warm blanket and looked at the camera.",
+    "A cup of coffee stands on a wooden table in the morning light.",
+    "Quantum computers use qubits, which can be in a superposition of states.",
+    "Describe this image and explain what is happening in it.",
+    "What animal is in this picture, and what is it doing?",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Hello! How can I help you today? I am a helpful assistant.",
+    "Explain quantum computing in simple terms, please.",
+]
+
+
+def train_tokenizer(specials: list[str], template: str):
+    """A tokenizer trained here, with Qwen's pre-tokenizer, special tokens and chat template."""
+    return run_multimodal.train_tokenizer(CORPUS, specials, template)
+
+
+def _token_ids(tok, names: dict[str, str]) -> dict[str, int]:
+    return {key: tok.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """A copy of base with overrides merged in, nested dicts included."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _real_config(name: str) -> dict:
+    return json.loads((SHARED_CONFIGS / name / "config.json").read_text())
+
+
+def _random_model(model_class, config, full_size: bool, device: str):
+    """Random weights: float32 when tiny (exact references), bfloat16 at full size."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(config)
+    if full_size:
+        for name, part in model.named_children():
+            if name != "token2wav":   # published in float32, and run in float32
+                part.to(torch.bfloat16)
+    return model
+
+
+# initializer_range 0.2 (not 0.02): a random model with near-flat logits answers "\n\n\n...".
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, max_window_layers=2, initializer_range=0.2)
+VISION = dict(depth=2, hidden_size=32, embed_dim=32, intermediate_size=64, num_heads=2,
+              out_hidden_size=64, fullatt_block_indexes=[1])
+
+
+def build_qwen2(out: Path, full_size: bool = False, device: str = "cpu",
+                config_name: str = "Qwen--Qwen2.5-3B-Instruct") -> Path:
+    """Text-only: the self-test's tiny Qwen2 with all of Qwen2.5's special tokens, or a real-size one."""
+    if not full_size:
+        return run_multimodal.build_tiny_qwen2(out, CORPUS, QWEN_TEXT_SPECIALS)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = train_tokenizer(QWEN_TEXT_SPECIALS, run_multimodal.QWEN_CHAT_TEMPLATE)
+    ids = _token_ids(tok, dict(bos_token_id="<|endoftext|>", eos_token_id="<|im_end|>"))
+    config = Qwen2Config.from_dict(_merge(_real_config(config_name), ids))
+    _random_model(Qwen2ForCausalLM, config, full_size, device).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _image_processor():
+    from transformers import Qwen2VLImageProcessor
+    return Qwen2VLImageProcessor()
+
+
+def _video_processor():
+    from transformers import Qwen2VLVideoProcessor
+    return Qwen2VLVideoProcessor()
+
+
+def build_qwen2_5_vl(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
+    """Qwen2.5-VL-3B-Instruct's config; tiny: 2 text layers of 64 and a 2-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tok = train_tokenizer(QWEN_TEXT_SPECIALS, QWEN_VL_TEMPLATE)
+    overrides = _token_ids(tok, dict(
+        bos_token_id="<|endoftext|>", eos_token_id="<|im_end|>", vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>", vision_token_id="<|vision_pad|>", image_token_id="<|image_pad|>",
+        video_token_id="<|video_pad|>"))
+    if not full_size:
+        overrides.update(TEXT, vocab_size=len(tok), vision_config=VISION,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig.from_dict(_merge(_real_config("Qwen--Qwen2.5-VL-3B-Instruct"), overrides))
+    _random_model(Qwen2_5_VLForConditionalGeneration, config, full_size, device).save_pretrained(out)
+    Qwen2_5_VLProcessor(image_processor=_image_processor(), tokenizer=tok, video_processor=_video_processor(),
+                        chat_template=QWEN_VL_TEMPLATE).save_pretrained(out)
+    return out
+
+
+OMNI_NAMED_TOKENS = dict(image_token="<|IMAGE|>", audio_token="<|AUDIO|>", video_token="<|VIDEO|>",
+                         vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
+                         audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
+SPEAKERS = ("Chelsie", "Ethan")
+TINY_OMNI = dict(
+    thinker_config=dict(
+        text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        audio_config=dict(d_model=32, encoder_layers=2, num_hidden_layers=2, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, output_dim=64),
+        vision_config=VISION),
+    talker_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, intermediate_size=64, embedding_size=64, max_window_layers=2,
+                       rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [4, 4, 0]}),
+    token2wav_config=dict(
+        # transformers 5 reads hidden_size/num_hidden_layers/num_attention_heads; the
+        # published config spells them dim/depth/heads, so set both.
+        dit_config=dict(dim=32, depth=2, heads=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        look_ahead_layers=[1], look_backward_layers=[0], head_dim=16, ff_mult=2, emb_dim=16,
+                        enc_channels=[16, 16, 16, 16, 48], enc_dim=16, enc_emb_dim=16, enc_lin_neurons=16,
+                        enc_attention_channels=8, enc_se_channels=8),
+        bigvgan_config=dict(upsample_initial_channel=128, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]])),
+)
+
+
+def build_qwen2_5_omni(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
+    """Qwen2.5-Omni-3B's config: thinker (text, vision, audio), talker, token2wav and two voices."""
+    import torch
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor,
+                              WhisperFeatureExtractor)
+
+    tok = train_tokenizer(QWEN_OMNI_SPECIALS, QWEN_OMNI_TEMPLATE)
+    tok._set_model_specific_special_tokens(OMNI_NAMED_TOKENS)
+    media = _token_ids(tok, dict(
+        audio_token_index="<|AUDIO|>", audio_start_token_id="<|audio_bos|>", audio_end_token_id="<|audio_eos|>",
+        image_token_index="<|IMAGE|>", video_token_index="<|VIDEO|>", vision_start_token_id="<|vision_bos|>",
+        vision_end_token_id="<|vision_eos|>", vision_token_id="<|vision_pad|>"))
+    special = _token_ids(tok, dict(bos_token_id="<|im_start|>", eos_token_id="<|im_end|>",
+                                   pad_token_id="<|endoftext|>"))
+    overrides = dict(thinker_config=dict(media, **special, user_token_id=tok.convert_tokens_to_ids("user")),
+                     talker_config=dict(media))
+    if not full_size:
+        # The talker reads three thinker-vocabulary ids of its own (unused rows in the real vocab).
+        overrides["talker_config"].update(_token_ids(tok, dict(
+            tts_text_pad_token_id="<|box_end|>", tts_text_start_token_id="<|quad_start|>",
+            tts_text_end_token_id="<|quad_end|>")))
+        overrides = _merge(TINY_OMNI, overrides)
+        overrides["thinker_config"]["text_config"]["vocab_size"] = len(tok)
+    config = Qwen2_5OmniConfig.from_dict(_merge(_real_config("Qwen--Qwen2.5-Omni-3B"), overrides))
+    _random_model(Qwen2_5OmniForConditionalGeneration, config, full_size, device).save_pretrained(out)
+    voice_size = config.token2wav_config.dit_config.enc_emb_dim
+    speakers = {name: {"cond": torch.randn(voice_size), "ref_mel": torch.randn(1, 30, 80),
+                       "bos_token": tok.convert_tokens_to_ids("<|endoftext|>")} for name in SPEAKERS}
+    torch.save(speakers, out / "spk_dict.pt")
+    Qwen2_5OmniProcessor(image_processor=_image_processor(), video_processor=_video_processor(),
+                         feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+                         chat_template=QWEN_OMNI_TEMPLATE).save_pretrained(out)
+    return out
+
+
+BUILDERS = {"qwen2": build_qwen2, "qwen2_5_vl": build_qwen2_5_vl, "qwen2_5_omni": build_qwen2_5_omni}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--full-size", action="store_true", help="keep the real configs' sizes")
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster)")
+    parser.add_argument("--only", nargs="+", choices=sorted(BUILDERS), default=sorted(BUILDERS))
+    parser.add_argument("--text-config", default="Qwen--Qwen2.5-3B-Instruct",
+                        help="the real config of the full-size text model (a folder name in tests/configs)")
+    args = parser.parse_args()
+    for name in args.only:
+        extra = {"config_name": args.text_config} if name == "qwen2" and args.full_size else {}
+        print(BUILDERS[name](args.outdir / name, full_size=args.full_size, device=args.device, **extra))
