@@ -25,7 +25,6 @@ tool() {
 
 tool --self_test
 tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0
-tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0
 tool --model_id "$MODELS/small/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0
 tool --model_id "$MODELS/qwen2_5_omni" --prompt "Describe this image and explain what's happening" \
      --image_path sample_data/sample_image.jpg --max_new_tokens 256 --temperature 0
@@ -61,3 +60,7 @@ tool --model_id "$MODELS/qwen2_5_omni" --prompt "Describe this image" --image_pa
      --max_new_tokens 16 --temperature 0
 tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 16 --temperature 0
 kill $HOG
+wait $HOG 2>/dev/null
+
+echo; echo "--- the streaming path against plain generate, Qwen2.5-1.5B, warm"
+python3 bench/stream_overhead.py "$MODELS/small/qwen2" --tokens 128 2>&1 | grep "ms/token"

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import SAMPLE_IMAGE, SECOND_IMAGE, offline_env, run_tool
 
-GREEDY = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12")
+# The references run on the CPU in float32, so the exact comparisons do too (on a machine
+# with a GPU the tool would otherwise pick it, and a GPU's float32 rounds differently).
+GREEDY = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12", "--device", "cpu")
 
 
 def reference_answer(model_dir, kind: str, prompt: str, images=(), system_prompt=None) -> tuple[str, int]:
@@ -84,7 +86,7 @@ def test_no_stream_prints_the_same_answer_once(tiny_models):
 
 def test_seeded_sampling_repeats(tiny_models):
     args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--temperature", "1.0",
-            "--top_k", "50", "--max_new_tokens", "12", "--dtype", "float32")
+            "--top_k", "50", "--max_new_tokens", "12", "--dtype", "float32", "--device", "cpu")
     first, second = run_tool(*args, "--seed", "7"), run_tool(*args, "--seed", "7")
     assert first.returncode == second.returncode == 0
     assert first.stdout == second.stdout and first.stdout.strip()
@@ -93,18 +95,20 @@ def test_seeded_sampling_repeats(tiny_models):
 
 def test_force_cpu(tiny_models):
     expected, prompt_tokens = reference_answer(tiny_models["qwen2"], "text", "Hello cat")
-    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--force_cpu", *GREEDY)
+    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--force_cpu", *GREEDY[:-2])
     assert_answered(result, expected, prompt_tokens)
     assert "🔧 --force_cpu: using the CPU" in result.stderr
 
 
-def test_default_dtype_follows_this_cpu(tiny_models):
+def test_automatic_choice_on_this_machine(tiny_models):
+    """No flags: the device and dtype the policy picks for this machine's real hardware."""
     import run_multimodal as rm
 
     result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--max_new_tokens", "4")
     assert result.returncode == 0, result.stderr
-    native = rm.detect_hardware().cpu_bf16
-    assert ("🔢 bfloat16 on the CPU (it has native bf16)" if native else "🔢 float32 on the CPU") in result.stderr
+    plan = rm.choose_plan(rm.detect_hardware(), 99_904, rm.Request())
+    assert all(reason in result.stderr for reason in plan.reasons)
+    assert f"📈 {plan.device}:" in result.stderr
     assert "🧠 " in result.stderr and "99.9 K parameters" in result.stderr
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import offline_env, run_tool
-from test_end_to_end import GREEDY
 
 WRAPPER = Path(__file__).resolve().parent / "oom_wrapper.py"
+ARGS = ("--prompt", "Hello cat", "--temperature", "0", "--max_new_tokens", "12")
 
 
 def test_out_of_memory_while_loading_on_the_gpu_retries_on_the_cpu(tiny_models):
-    args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--temperature", "0",
-            "--max_new_tokens", "12")
+    args = ("--model_id", tiny_models["qwen2"], *ARGS)
     result = run_tool(*args, script=WRAPPER, env=offline_env(SIMULATED_GPU_GB="8"))
     assert result.returncode == 0, result.stderr
     assert "🚀 NVIDIA GPU found (Simulated GPU) - using CUDA" in result.stderr
@@ -24,7 +23,7 @@ def test_out_of_memory_while_loading_on_the_gpu_retries_on_the_cpu(tiny_models):
 
 
 def test_out_of_memory_on_the_gpu_and_the_cpu_is_a_clean_error(tiny_models):
-    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", *GREEDY, script=WRAPPER,
+    result = run_tool("--model_id", tiny_models["qwen2"], *ARGS, script=WRAPPER,
                       env=offline_env(SIMULATED_GPU_GB="8", OOM_AT_GENERATE="1"))
     assert result.returncode == 1
     assert result.stderr.count("retrying once on the CPU") == 1
@@ -36,7 +35,7 @@ def test_out_of_memory_on_the_gpu_and_the_cpu_is_a_clean_error(tiny_models):
 
 
 def test_out_of_memory_on_the_cpu_does_not_retry(tiny_models):
-    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", *GREEDY, script=WRAPPER,
+    result = run_tool("--model_id", tiny_models["qwen2"], *ARGS, script=WRAPPER,
                       env=offline_env(OOM_AT_GENERATE="1"))
     assert result.returncode == 1
     assert "retrying" not in result.stderr
