@@ -265,21 +265,28 @@ class ModelSize:
     loading: int                      # what will be loaded
 
 
-def _silence_transformers(debug: bool) -> None:
+def _quiet_libraries(debug: bool) -> None:
+    """transformers' and accelerate's warnings and loading bars say nothing a user can act on;
+    the tool says what matters in its own words (--debug shows the warnings again)."""
+    import logging
+
     import transformers
+
+    from huggingface_hub.utils import enable_progress_bars
 
     if not debug:
         transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+    transformers.logging.disable_progress_bar()   # "Loading weights" bars (it turns the Hub's off too)
+    enable_progress_bars()                         # downloads keep theirs: a first run fetches gigabytes
 
 
 def load_config(info: ModelInfo, trust_remote_code: bool):
     """transformers' config object, with its errors turned into messages."""
     from transformers import AutoConfig
 
-    source = str(info.config_path.parent)
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:   # by id, not the cached file, so that a model's own code files come along with --trust_remote_code
+        return AutoConfig.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UsageError(f"--model_id {info.model_id}: this model ships its own Python code, which would run "
@@ -295,8 +302,14 @@ def count_parameters(config, info: ModelInfo, thinker_only: bool, trust_remote_c
     from accelerate import init_empty_weights
 
     model_class = _model_class(info, thinker_only=False)
-    with init_empty_weights():
-        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:   # a config transformers knows, but not as a model it can generate with
+        import transformers
+        raise RunError(f"--model_id {info.model_id}: transformers {transformers.__version__} cannot generate "
+                       f"text with a '{info.model_type}' model ({model_class.__name__}); "
+                       "try `pip install -U transformers`") from exc
     model.tie_weights()   # tied embeddings are one tensor: count them once
     total = sum(p.numel() for p in model.parameters())
     components = {}
@@ -305,6 +318,22 @@ def count_parameters(config, info: ModelInfo, thinker_only: bool, trust_remote_c
                       for name, child in model.named_children()}
     loading = components.get("thinker", total) if thinker_only else total
     return ModelSize(total, components, loading)
+
+
+def format_count(n: int) -> str:
+    """1.54 B, 243.9 M, 98.3 K: parameter counts for people."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
+
+
+def describe_size(info: ModelInfo, size: ModelSize, thinker_only: bool) -> str:
+    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(size.total)} parameters"
+    if thinker_only and size.loading != size.total:
+        line += (f"; loading the thinker only ({format_count(size.loading)}): no speech output was asked for, "
+                 "so the talker and token2wav stay on disk")
+    return line
 
 
 def _model_class(info: ModelInfo, thinker_only: bool):
@@ -430,6 +459,13 @@ def load_model(info: ModelInfo, plan: Plan, thinker_only: bool, trust_remote_cod
     from transformers import AutoProcessor, AutoTokenizer
 
     kwargs = dict(dtype=torch_dtype(plan.dtype), trust_remote_code=trust_remote_code)
+    if plan.device == "cuda":
+        import torch
+        # PyTorch prefers cuDNN's attention on recent GPUs, and cuDNN builds a plan for every new
+        # sequence length, which in decoding is every token: on an H100 that was 1.5 ms per call and
+        # cut a first run's decoding to a third of a warm one's (bench/profile_first_run.py).
+        # The flash and memory-efficient kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if plan.device != "cpu":
         if info.kind == "omni":
             # accelerate offloading part of an Omni model to CPU or disk leaves meta
@@ -731,7 +767,7 @@ def train_tokenizer(corpus: list[str], special_tokens: list[str], chat_template:
     """A byte-level BPE tokenizer with Qwen's pre-tokenizer, trained here on a few sentences."""
     from transformers import Qwen2Tokenizer
 
-    tokenizer = Qwen2Tokenizer().train_new_from_iterator([corpus * 4], vocab_size=vocab_size,
+    tokenizer = Qwen2Tokenizer().train_new_from_iterator([corpus * 4], vocab_size=vocab_size, show_progress=False,
                                                          new_special_tokens=special_tokens)
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer.chat_template = chat_template
@@ -762,7 +798,7 @@ def self_test(hw: Hardware, request: Request, debug: bool) -> int:
     """Check this installation offline: a tiny model through the real loading and generation path."""
     import tempfile
 
-    _silence_transformers(debug)
+    _quiet_libraries(debug)
     with tempfile.TemporaryDirectory(prefix="run_multimodal_selftest_") as folder:
         start = time.perf_counter()
         build_tiny_qwen2(Path(folder))
@@ -791,24 +827,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"Error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
 
 
 def _float_in(low: float, high: float, low_open: bool):
@@ -839,14 +867,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an image to show the model; give the flag again for more images")
     model.add_argument("--system_prompt", help="replace the model's default system prompt")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max_new_tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+    gen.add_argument("--max_new_tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
                      help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
     gen.add_argument("--temperature", type=_float_in(0, 100, low_open=False),
                      help="sampling temperature; 0 means greedy (default: the model's own setting)")
     gen.add_argument("--top_p", type=_float_in(0, 1, low_open=True),
                      help="nucleus sampling, in (0, 1] (default: the model's own setting)")
-    gen.add_argument("--top_k", type=_non_negative_int, help="sample among the k likeliest tokens; 0 turns it off")
-    gen.add_argument("--seed", type=_non_negative_int, help="random seed, for repeatable sampling")
+    gen.add_argument("--top_k", type=_int_at_least(0), help="sample among the k likeliest tokens; 0 turns it off")
+    gen.add_argument("--seed", type=_int_at_least(0), help="random seed, for repeatable sampling")
     gen.add_argument("--no_stream", action="store_true", help="print the answer once at the end")
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
@@ -900,7 +928,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--image_path: {args.model_id} is a text-only model and cannot see images; "
                          f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
 
-    _silence_transformers(args.debug)
+    _quiet_libraries(args.debug)
     thinker_only = info.kind == "omni"   # speech output is not asked for: the talker stays on disk
     size = count_parameters(load_config(info, args.trust_remote_code), info, thinker_only, args.trust_remote_code)
 
@@ -922,22 +950,6 @@ def run(args: argparse.Namespace) -> int:
     stats = run_with_fallback(job, plan, hw)
     say(describe_stats(stats))
     return EXIT_OK
-
-
-def format_count(n: int) -> str:
-    """1.54 B, 243.9 M, 98.3 K: parameter counts for people."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
-    return str(n)
-
-
-def describe_size(info: ModelInfo, size: ModelSize, thinker_only: bool) -> str:
-    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(size.total)} parameters"
-    if thinker_only and size.loading != size.total:
-        line += (f"; loading the thinker only ({format_count(size.loading)}): no speech output was asked for, "
-                 "so the talker and token2wav stay on disk")
-    return line
 
 
 def main(argv: list[str] | None = None) -> int:

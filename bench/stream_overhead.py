@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    rm._silence_transformers(False)
+    rm._quiet_libraries(False)
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
     tok = AutoTokenizer.from_pretrained(args.model)

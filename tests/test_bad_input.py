@@ -51,8 +51,8 @@ def truncated_image(tmp_path):
     (["--prompt", "hi", "--image_path", "sample_data"], ["--image_path sample_data: this is a folder"]),
     (["--prompt", "   "], ["--prompt is empty"]),
     ([], ["--prompt is required"]),
-    (["--prompt", "hi", "--max_new_tokens", "0"], ["--max_new_tokens", "must be at least 1, got 0"]),
-    (["--prompt", "hi", "--max_new_tokens", "-5"], ["--max_new_tokens", "must be at least 1"]),
+    (["--prompt", "hi", "--max_new_tokens", "0"], ["--max_new_tokens", "must be 1 or more, got 0"]),
+    (["--prompt", "hi", "--max_new_tokens", "-5"], ["--max_new_tokens", "must be 1 or more"]),
     (["--prompt", "hi", "--max_new_tokens", "many"], ["--max_new_tokens", "'many' is not a whole number"]),
     (["--prompt", "hi", "--device", "tpu"], ["--device", "invalid choice: 'tpu'"]),
     (["--prompt", "hi", "--dtype", "int4"], ["--dtype", "invalid choice: 'int4'"]),
@@ -113,6 +113,12 @@ def test_unknown_model_type(tmp_path):
     result = run_tool("--prompt", "hi", "--model_id", tmp_path)
     assert_one_line_error(result, 1, "model type 'qwen99_hyper' is not known to transformers",
                           "pip install -U transformers")
+
+
+def test_a_model_type_that_cannot_generate_text(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    result = run_tool("--prompt", "hi", "--model_id", tmp_path)
+    assert_one_line_error(result, 1, "cannot generate text with a 'vit' model")
 
 
 def test_debug_shows_the_traceback():

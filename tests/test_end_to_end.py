@@ -61,6 +61,7 @@ def test_text_only_greedy_answer_is_exactly_transformers(tiny_models):
     assert_answered(result, expected, prompt_tokens)
     assert "🎯 Greedy decoding (--temperature 0)" in result.stderr
     assert "📈 cpu:" in result.stderr and "12 new tokens" in result.stderr
+    assert "Loading weights" not in result.stderr and "[transformers]" not in result.stderr   # library noise
 
 
 def test_system_prompt_reaches_the_template(tiny_models):

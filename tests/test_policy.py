@@ -37,7 +37,7 @@ def _size(name: str, thinker_only: bool = False) -> rm.ModelSize:
 
 @pytest.fixture(scope="module")
 def sizes() -> dict[str, rm.ModelSize]:
-    rm._silence_transformers(debug=False)
+    rm._quiet_libraries(debug=False)
     names = ["Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct",
              "Qwen--Qwen2.5-VL-3B-Instruct"]
     found = {name: _size(name) for name in names}
