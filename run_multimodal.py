@@ -164,20 +164,16 @@ def describe_hardware(hw: Hardware) -> list[str]:
 
 # --- the model: where it is, what it takes, how big it is ---------------------------
 
-OMNI_MODEL_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What config.json says, read without torch."""
     model_id: str
-    config_path: Path
     model_type: str
     kind: str                 # "omni" (thinker + talker), "multimodal" or "text"
     inputs: frozenset[str]    # among "text", "image", "audio", "video"
 
 
-def model_info_from_config(model_id: str, config_path: Path, config: dict) -> ModelInfo:
+def model_info_from_config(model_id: str, config: dict) -> ModelInfo:
     """Classify a checkpoint from its config.json: what it takes in and how it loads."""
     model_type = str(config.get("model_type", ""))
     inner = config.get("thinker_config", config)
@@ -192,7 +188,7 @@ def model_info_from_config(model_id: str, config_path: Path, config: dict) -> Mo
         kind = "multimodal"
     else:
         kind = "text"
-    return ModelInfo(model_id, config_path, model_type, kind, frozenset(inputs))
+    return ModelInfo(model_id, model_type, kind, frozenset(inputs))
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -229,7 +225,7 @@ def resolve_model(model_id: str) -> ModelInfo:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
                          "the model folder looks damaged") from exc
-    return model_info_from_config(model_id, config_path, config)
+    return model_info_from_config(model_id, config)
 
 
 def _hub_config(repo_id: str) -> Path:

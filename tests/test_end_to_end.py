@@ -5,6 +5,7 @@ tool changes the prompt, the chat template, the media, the decoding or the print
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -168,6 +169,14 @@ def test_hub_id_from_the_offline_cache(tiny_models, tmp_path):
     assert_answered(result, expected, prompt_tokens)
     assert "🧠 tiny/qwen2 (qwen2)" in result.stderr
 
+    # Without HF_HUB_OFFLINE the tool finds out by itself that the Hub does not answer
+    # (here: a closed local port) and uses the cache, instead of sitting through retries.
+    env = offline_env(HF_HUB_CACHE=str(cache), HF_ENDPOINT="http://127.0.0.1:9")
+    del env["HF_HUB_OFFLINE"]
+    result = run_tool("--model_id", "tiny/qwen2", "--prompt", "Hello cat", *GREEDY, env=env)
+    assert_answered(result, expected, prompt_tokens)
+    assert "📴 http://127.0.0.1:9 cannot be reached: using the local Hugging Face cache only" in result.stderr
+
 
 def test_self_test_runs_offline():
     result = run_tool("--self_test")
@@ -175,3 +184,37 @@ def test_self_test_runs_offline():
     assert "✅ Self-test passed" in result.stderr
     assert "8 new tokens" in result.stderr
     assert result.stdout.strip()
+
+
+@pytest.fixture()
+def remote_code_model(tiny_models, tmp_path):
+    """The tiny Qwen2 as a repository that ships its own Python classes (auto_map)."""
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    model_type = 'custom_qwen'\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomModel(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_qwen", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                      "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_remote_code_runs_only_when_allowed(remote_code_model, tiny_models):
+    refused = run_tool("--model_id", remote_code_model, "--prompt", "Hello cat", *GREEDY)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"Error: --model_id {remote_code_model}: this model ships its own Python code, which would run on your "
+        "machine; pass --trust_remote_code only if you trust its authors")
+    expected, prompt_tokens = reference_answer(tiny_models["qwen2"], "text", "Hello cat")
+    allowed = run_tool("--model_id", remote_code_model, "--prompt", "Hello cat", "--trust_remote_code", *GREEDY)
+    assert_answered(allowed, expected, prompt_tokens)
+
+
+def test_quantize_on_the_cpu_is_skipped_with_a_note(tiny_models):
+    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--quantize", "4bit", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert "⚠️ Skipping --quantize 4bit: bitsandbytes quantization needs a CUDA GPU" in result.stderr

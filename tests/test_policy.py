@@ -31,7 +31,7 @@ T4 = rm.CudaDevice("Tesla T4", 16 * GB, 15 * GB, bf16=False)
 
 def _size(name: str, thinker_only: bool = False) -> rm.ModelSize:
     path = CONFIGS / name / "config.json"
-    info = rm.model_info_from_config(str(path.parent), path, json.loads(path.read_text()))
+    info = rm.model_info_from_config(str(path.parent), json.loads(path.read_text()))
     return rm.count_parameters(rm.load_config(info, False), info, thinker_only, False)
 
 
@@ -188,7 +188,7 @@ def test_native_bf16_detection(system, machine, cpuinfo, sysctl, native):
 def test_model_kinds_from_real_configs():
     def info(name):
         path = CONFIGS / name / "config.json"
-        return rm.model_info_from_config(name, path, json.loads(path.read_text()))
+        return rm.model_info_from_config(name, json.loads(path.read_text()))
 
     omni = info("Qwen--Qwen2.5-Omni-3B")
     assert (omni.kind, omni.inputs) == ("omni", {"text", "image", "video", "audio"})
