@@ -15,7 +15,8 @@ from conftest import SAMPLE_IMAGE, SECOND_IMAGE, offline_env, run_tool
 
 # The references run on the CPU in float32, so the exact comparisons do too (on a machine
 # with a GPU the tool would otherwise pick it, and a GPU's float32 rounds differently).
-GREEDY = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12", "--device", "cpu")
+GREEDY_ANY_DEVICE = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12")
+GREEDY = (*GREEDY_ANY_DEVICE, "--device", "cpu")
 
 
 def reference_answer(model_dir, kind: str, prompt: str, images=(), system_prompt=None) -> tuple[str, int]:
@@ -97,7 +98,7 @@ def test_seeded_sampling_repeats(tiny_models):
 
 def test_force_cpu(tiny_models):
     expected, prompt_tokens = reference_answer(tiny_models["qwen2"], "text", "Hello cat")
-    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--force_cpu", *GREEDY[:-2])
+    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--force_cpu", *GREEDY_ANY_DEVICE)
     assert_answered(result, expected, prompt_tokens)
     assert "🔧 --force_cpu: using the CPU" in result.stderr
 
