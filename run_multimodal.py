@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -41,6 +42,8 @@ LARGE_MPS_MIN_RAM_GB = 32
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 GB = 1024**3
 HUB_PROBE_TIMEOUT_S = 3.0
+CHAT_TEMPLATE_TOKENS = 48       # Qwen's chat template and default system prompt, in tokens
+CUDA_CONTEXT_BYTES = GB // 2    # what a CUDA context takes from a simulated card's memory
 
 
 class UsageError(Exception):
@@ -78,6 +81,8 @@ class Hardware:
     mps_available: bool = False
     metal_budget: int | None = None   # torch.mps.recommended_max_memory()
     cuda: tuple[CudaDevice, ...] = ()
+    bitsandbytes: bool = False        # installed, so --quantize (or a plan that needs it) can work
+    simulated: str = ""               # the --hardware spec this stands for, if any
 
     @property
     def apple_silicon(self) -> bool:
@@ -139,12 +144,54 @@ def detect_hardware() -> Hardware:
     return Hardware(system=system, machine=machine, cpu_count=os.cpu_count() or 1,
                     cpu_bf16=_read_cpu_bf16(system, machine), ram_total=memory.total,
                     ram_available=memory.available, mps_built=mps_built, mps_available=mps_available,
-                    metal_budget=metal_budget, cuda=tuple(cuda))
+                    metal_budget=metal_budget, cuda=tuple(cuda), bitsandbytes=_has_bitsandbytes())
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def parse_hardware_spec(spec: str) -> tuple[str, tuple[float, ...]]:
+    """'mps:16', 'cuda:24', 'cuda:24,24' or 'cpu:32' -> (kind, sizes in GB)."""
+    kind, _, sizes = spec.strip().lower().partition(":")
+    try:
+        numbers = tuple(float(size) for size in sizes.split(","))
+    except ValueError:
+        numbers = ()
+    if kind not in ("mps", "cuda", "cpu") or not numbers or any(not 0 < n < 100_000 for n in numbers) \
+            or (kind != "cuda" and len(numbers) != 1):
+        raise argparse.ArgumentTypeError(
+            f"'{spec}' is not a hardware spec; use mps:16 (a Mac with 16 GB), cuda:24 or cuda:24,24 "
+            "(NVIDIA GPUs with that many GB each) or cpu:32 (no accelerator, 32 GB of RAM)")
+    return kind, numbers
+
+
+def simulated_hardware(spec: str) -> Hardware:
+    """The machine a --hardware spec describes, idle: all of its memory is available.
+    A Mac is taken as an M1 (no native bf16); a CUDA machine has this machine's CPU and RAM."""
+    kind, sizes = parse_hardware_spec(spec)
+    if kind == "mps":
+        ram = int(sizes[0] * GB)
+        return Hardware(system="Darwin", machine="arm64", cpu_count=8, cpu_bf16=False, ram_total=ram,
+                        ram_available=ram, mps_built=True, mps_available=True, simulated=spec)
+    system, machine = platform.system(), platform.machine()
+    if kind == "cpu":
+        ram = int(sizes[0] * GB)
+        return Hardware(system=system, machine=machine, cpu_count=os.cpu_count() or 1,
+                        cpu_bf16=_read_cpu_bf16(system, machine), ram_total=ram, ram_available=ram, simulated=spec)
+    import psutil
+    memory = psutil.virtual_memory()
+    gpus = tuple(CudaDevice(f"simulated {size:g} GB GPU", int(size * GB), int(size * GB) - CUDA_CONTEXT_BYTES,
+                            bf16=True) for size in sizes)
+    return Hardware(system=system, machine=machine, cpu_count=os.cpu_count() or 1,
+                    cpu_bf16=_read_cpu_bf16(system, machine), ram_total=memory.total,
+                    ram_available=memory.available, cuda=gpus, bitsandbytes=True, simulated=spec)
 
 
 def describe_hardware(hw: Hardware) -> list[str]:
     """The hardware report, in the existing guide's words where it has them."""
-    lines = []
+    lines = [f"🧪 Simulated hardware (--hardware {hw.simulated}), assumed idle"] if hw.simulated else []
     if hw.apple_silicon:
         if hw.mps_available:
             lines.append("🍎 Apple Silicon detected with MPS support")
@@ -254,13 +301,6 @@ def _hub_config(repo_id: str) -> Path:
                        "connect to the internet once to download it, or pass a local model folder") from exc
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSize:
-    total: int                        # every parameter in the checkpoint, tied weights once
-    components: dict[str, int]        # Omni: thinker, talker, token2wav
-    loading: int                      # what will be loaded
-
-
 def _quiet_libraries(debug: bool) -> None:
     """transformers' and accelerate's warnings and loading bars say nothing a user can act on;
     the tool says what matters in its own words (--debug shows the warnings again)."""
@@ -293,13 +333,49 @@ def load_config(info: ModelInfo, trust_remote_code: bool):
                        "`pip install -U transformers`") from exc
 
 
-def count_parameters(config, info: ModelInfo, thinker_only: bool, trust_remote_code: bool) -> ModelSize:
-    """Exact parameter counts from the config alone, on the meta device (no weights, no memory)."""
+@dataclasses.dataclass(frozen=True)
+class VisionFacts:
+    patch_size: int          # pixels per patch side (14)
+    merge_size: int          # patches merged per token side (2): one token covers 28 x 28 pixels
+    hidden_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs to know about a model: exact counts from its config, on the meta device."""
+    model_id: str
+    kind: str
+    parameters: dict[str, int]      # component -> parameters, tied weights once ("model" unless Omni)
+    quantizable: dict[str, int]     # component -> parameters in the Linear layers bitsandbytes would quantize
+    kv_elements_per_token: int      # keys + values of every layer of the language model, for one token
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    context_window: int
+    talker_kv_elements_per_token: int = 0
+    vision: VisionFacts | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parameters.values())
+
+
+def _kv_elements(text_config) -> int:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim
+
+
+def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
+    """Exact parameter counts and cache sizes from the config alone (no weights, no memory)."""
+    import torch
     from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
     model_class = _model_class(info, thinker_only=False)
     try:
-        with init_empty_weights():
+        with init_empty_weights(), no_init_weights():
             model = model_class.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:   # a config transformers knows, but not as a model it can generate with
         import transformers
@@ -307,13 +383,27 @@ def count_parameters(config, info: ModelInfo, thinker_only: bool, trust_remote_c
                        f"text with a '{info.model_type}' model ({model_class.__name__}); "
                        "try `pip install -U transformers`") from exc
     model.tie_weights()   # tied embeddings are one tensor: count them once
-    total = sum(p.numel() for p in model.parameters())
-    components = {}
-    if info.kind == "omni":
-        components = {name: sum(p.numel() for p in child.parameters())
-                      for name, child in model.named_children()}
-    loading = components.get("thinker", total) if thinker_only else total
-    return ModelSize(total, components, loading)
+    children = dict(model.named_children()) if info.kind == "omni" else {"model": model}
+    parameters, quantizable = {}, {}
+    for name, child in children.items():
+        parameters[name] = sum(p.numel() for p in child.parameters())
+        # bitsandbytes quantizes Linear layers and keeps the output head in the compute dtype.
+        output = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
+        quantizable[name] = sum(p.numel() for module in child.modules()
+                                if isinstance(module, torch.nn.Linear) and module is not output
+                                for p in module.parameters(recurse=False))
+    inner = getattr(config, "thinker_config", config)
+    text = inner.get_text_config()
+    vision = getattr(inner, "vision_config", None)
+    talker = getattr(config, "talker_config", None)
+    return ModelFacts(
+        model_id=info.model_id, kind=info.kind, parameters=parameters, quantizable=quantizable,
+        kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        context_window=getattr(text, "max_position_embeddings", 0) or 0,
+        talker_kv_elements_per_token=_kv_elements(talker) if talker is not None else 0,
+        vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
+        if vision is not None else None)
 
 
 def format_count(n: int) -> str:
@@ -324,12 +414,8 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def describe_size(info: ModelInfo, size: ModelSize, thinker_only: bool) -> str:
-    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(size.total)} parameters"
-    if thinker_only and size.loading != size.total:
-        line += (f"; loading the thinker only ({format_count(size.loading)}): no speech output was asked for, "
-                 "so the talker and token2wav stay on disk")
-    return line
+def format_bytes(n: float) -> str:
+    return f"{n / GB:.2f} GB"
 
 
 def _model_class(info: ModelInfo, thinker_only: bool):
@@ -346,7 +432,21 @@ def _model_class(info: ModelInfo, thinker_only: bool):
     return AutoModelForMultimodalLM
 
 
-# --- the plan: device, dtype, quantization, and why -----------------------------------
+# --- the plan: device, dtype, quantization, memory, and why ----------------------------
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}   # nf4 + a float32 scale per 64 weights; int8
+FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
+SPEECH_COMPONENTS = ("thinker", "talker", "token2wav")
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
+MIN_PIXELS = 56 * 56
+# The estimate's margin beyond weights and KV cache, stated rather than hidden:
+ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
+ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
+PREFILL_VALUES_PER_TOKEN = 4             # x intermediate size: the MLP's widest activations at prefill
+VISION_VALUES_PER_PATCH = 64             # x vision hidden size: the image encoder's activations
+TALKER_MAX_NEW_TOKENS = 4096             # speech codes Qwen2.5-Omni's talker may generate
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -355,6 +455,38 @@ class Request:
     dtype: str = "auto"           # auto, float16, bfloat16, float32
     quantize: str = "none"        # none, 4bit, 8bit
     force_cpu: bool = False
+    speech: bool = False          # Omni: load the talker and token2wav too
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    text_tokens: int = 64         # the prompt's tokens, estimated before any tokenizer is loaded
+    image_sizes: tuple[tuple[int, int], ...] = ()   # (width, height) of each image
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def forced(self) -> bool:
+        """The user chose the device: the plan warns instead of choosing another."""
+        return self.force_cpu or self.device != "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes a run will need: weights per component, KV cache, and a stated margin."""
+    components: dict[str, tuple[int, int]]   # name -> (parameters, bytes)
+    context_tokens: int                      # prompt text + media tokens + new tokens
+    media_tokens: int
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def parameters(self) -> int:
+        return sum(p for p, _ in self.components.values())
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(b for _, b in self.components.values())
+
+    @property
+    def total(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,12 +496,101 @@ class Plan:
     quantization: str | None      # None, "4bit" or "8bit"
     tier: str                     # "small", "medium" or "large"
     reasons: tuple[str, ...]
+    estimate: Estimate | None = None
+    budget_bytes: int | None = None
+    budget_source: str = ""       # "free memory of cuda:0", "Metal's working-set limit", ...
+    fits: bool = True
+    gpus: tuple[int, ...] = ()    # the CUDA devices the weights go on
 
 
 def size_tier(parameters: int) -> str:
     if parameters <= SMALL_MAX_PARAMETERS:
         return "small"
     return "medium" if parameters <= MEDIUM_MAX_PARAMETERS else "large"
+
+
+def loading_components(facts: ModelFacts, speech: bool) -> tuple[str, ...]:
+    """Omni loads its thinker alone unless speech is asked for; other models load whole."""
+    if facts.kind == "omni":
+        return SPEECH_COMPONENTS if speech else ("thinker",)
+    return tuple(facts.parameters)
+
+
+def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int) -> int:
+    """Visual tokens for one image after the processor's resize (Qwen2-VL's smart_resize), with its
+    start and end markers."""
+    factor = vision.patch_size * vision.merge_size
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < MIN_PIXELS:
+        beta = math.sqrt(MIN_PIXELS / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return (h // factor) * (w // factor) + 2
+
+
+def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
+                    request: Request) -> Estimate:
+    """Weights at the chosen precision, the KV cache for prompt + media + new tokens, and a margin."""
+    width = DTYPE_BYTES[dtype]
+    sizes = {}
+    for name in components:
+        parameters = facts.parameters[name]
+        if name in FLOAT32_COMPONENTS:
+            sizes[name] = (parameters, parameters * 4)
+        elif quantization:
+            packed = facts.quantizable[name]
+            sizes[name] = (parameters, int(packed * QUANTIZED_BYTES[quantization] + (parameters - packed) * width))
+        else:
+            sizes[name] = (parameters, parameters * width)
+    media = sum(image_tokens(facts.vision, w, h, request.max_pixels) for w, h in request.image_sizes) \
+        if facts.vision else 0
+    prompt = request.text_tokens + media
+    context = prompt + request.max_new_tokens
+    kv = context * facts.kv_elements_per_token * width
+    if "talker" in components:
+        kv += (context + TALKER_MAX_NEW_TOKENS) * facts.talker_kv_elements_per_token * width
+        kv += context * (facts.num_layers + 1) * facts.hidden_size * width   # hidden states handed to the talker
+    weights = sum(b for _, b in sizes.values())
+    activations = (ACTIVATION_FIXED_BYTES + int(weights * ACTIVATION_WEIGHT_FRACTION)
+                   + prompt * facts.intermediate_size * PREFILL_VALUES_PER_TOKEN * width)
+    if facts.vision and media:
+        patches = max(image_tokens(facts.vision, w, h, request.max_pixels) - 2
+                      for w, h in request.image_sizes) * facts.vision.merge_size ** 2
+        activations += patches * facts.vision.hidden_size * VISION_VALUES_PER_PATCH * width
+    return Estimate(sizes, context, media, kv, activations)
+
+
+def metal_budget(hw: Hardware) -> tuple[int, str]:
+    """Metal's recommended working-set limit, or (simulated) the share of RAM Macs report."""
+    if hw.metal_budget:
+        return hw.metal_budget, "Metal's working-set limit"
+    fraction = 2 / 3 if hw.ram_total <= 32 * GB else 3 / 4
+    return int(hw.ram_total * fraction), f"Metal's working-set limit (~{fraction:.0%} of RAM)"
+
+
+def place(hw: Hardware, device: str, needed: int) -> tuple[bool, int, str, tuple[int, ...]]:
+    """(fits, budget, where, gpus): check an estimate against the device's real budget.
+    CUDA: the GPU with the most free memory, or several GPUs together when one is not enough."""
+    if device == "mps":
+        budget, source = metal_budget(hw)
+        return needed <= budget, budget, source, ()
+    if device == "cpu":
+        return needed <= hw.ram_available, hw.ram_available, "available RAM", ()
+    order = sorted(range(len(hw.cuda)), key=lambda i: -hw.cuda[i].free_bytes)
+    best = order[0]
+    if needed <= hw.cuda[best].free_bytes or len(order) == 1:
+        return needed <= hw.cuda[best].free_bytes, hw.cuda[best].free_bytes, f"free memory of cuda:{best}", (best,)
+    chosen, budget = [], 0
+    for index in order:
+        chosen.append(index)
+        budget += hw.cuda[index].free_bytes
+        if budget >= needed:
+            break
+    names = "+".join(f"cuda:{i}" for i in sorted(chosen))
+    return needed <= budget, budget, f"free memory of {names}", tuple(sorted(chosen))
 
 
 def choose_device(hw: Hardware, tier: str, request: Request) -> tuple[str, str]:
@@ -420,13 +641,78 @@ def choose_quantization(hw: Hardware, device: str, request: Request) -> tuple[st
     return request.quantize, [f"🗜️ {request.quantize} quantization with bitsandbytes"]
 
 
-def choose_plan(hw: Hardware, parameters: int, request: Request) -> Plan:
-    """Device, dtype and quantization for this model on this hardware: a pure function."""
-    tier = size_tier(parameters)
+def _alternatives(hw: Hardware, device: str, dtype: str, quantization: str | None, request: Request):
+    """What to try, in order, when the policy's first choice does not fit: 4-bit on CUDA, then the CPU
+    (in the CPU's dtype, then in bfloat16 where float32 would not fit)."""
+    if device == "cuda" and quantization is None:
+        yield "cuda", dtype, "4bit", "🗜️ 4-bit quantization with bitsandbytes"
+    cpu_dtype, cpu_reason = choose_dtype(hw, "cpu", request)
+    yield "cpu", cpu_dtype, None, cpu_reason
+    if cpu_dtype == "float32" and request.dtype == "auto":
+        yield "cpu", "bfloat16", None, "🔢 bfloat16 on the CPU to halve the memory (slow: this CPU lacks native bf16)"
+
+
+def _device_name(device: str) -> str:
+    return {"cuda": "the GPU", "mps": "MPS", "cpu": "the CPU"}[device]
+
+
+def describe_fit(estimate: Estimate, device: str, fits: bool, budget: int, source: str) -> str:
+    verdict = "fits" if fits else "does not fit"
+    return (f"📐 Needs about {format_bytes(estimate.total)} on {_device_name(device)} "
+            f"(weights {format_bytes(estimate.weights_bytes)}, KV cache {format_bytes(estimate.kv_cache_bytes)}, "
+            f"margin {format_bytes(estimate.activation_bytes)}) of {format_bytes(budget)} ({source}): {verdict}")
+
+
+def choose_plan(hw: Hardware, facts: ModelFacts, request: Request) -> Plan:
+    """Device, dtype, quantization and the memory they take, for this model on this hardware: a pure
+    function. The guide's tier policy comes first; when its choice does not fit the device's budget,
+    the next option that does (4-bit on CUDA, then the CPU), with the reason."""
+    components = loading_components(facts, request.speech)
+    tier = size_tier(sum(facts.parameters[name] for name in components))
     device, device_reason = choose_device(hw, tier, request)
     dtype, dtype_reason = choose_dtype(hw, device, request)
     quantization, quantization_reasons = choose_quantization(hw, device, request)
-    return Plan(device, dtype, quantization, tier, (device_reason, dtype_reason, *quantization_reasons))
+    reasons = [device_reason, dtype_reason, *quantization_reasons]
+    estimate = estimate_memory(facts, components, dtype, quantization, request)
+    fits, budget, source, gpus = place(hw, device, estimate.total)
+    first = describe_fit(estimate, device, fits, budget, source)
+    if fits or request.forced:
+        if not fits:
+            reasons += [first, f"⚠️ Going ahead on {_device_name(device)} because you asked for it; "
+                               "expect offloading or an out-of-memory fallback"]
+        return Plan(device, dtype, quantization, tier, (*reasons, *([first] if fits else [])), estimate, budget,
+                    source, fits, gpus)
+    for alt_device, alt_dtype, alt_quantization, why in _alternatives(hw, device, dtype, quantization, request):
+        alt = estimate_memory(facts, components, alt_dtype, alt_quantization, request)
+        alt_fits, alt_budget, alt_source, alt_gpus = place(hw, alt_device, alt.total)
+        if not alt_fits:
+            continue
+        if alt_quantization and not hw.bitsandbytes:
+            reasons.append(f"💡 4-bit quantization would fit on the GPU ({format_bytes(alt.total)}): "
+                           "pip install bitsandbytes to use it")
+            continue
+        switched = (f"⚠️ Too big for {_device_name(device)} in {dtype}: using {_device_name(alt_device)}"
+                    + (f" with {alt_quantization} quantization" if alt_quantization else "") + " instead")
+        return Plan(alt_device, alt_dtype, alt_quantization, tier,
+                    (*reasons, first, switched, why, describe_fit(alt, alt_device, True, alt_budget, alt_source)),
+                    alt, alt_budget, alt_source, True, alt_gpus)
+    return Plan(device, dtype, quantization, tier, (*reasons, first), estimate, budget, source, False, gpus)
+
+
+def does_not_fit_message(facts: ModelFacts, plan: Plan, hw: Hardware) -> str:
+    """The one line for a plan that fits nowhere: the figures and the options."""
+    estimate = plan.estimate
+    options = [f"a smaller model such as {SMALLER_MODEL_HINT}"]
+    if hw.cuda and not hw.apple_silicon:
+        options.append("--quantize 4bit")
+    if facts.kind == "omni" and "talker" in estimate.components:
+        options.append("no speech output (the thinker alone is smaller)")
+    options += ["fewer --max_new_tokens" + (" or --max_pixels" if estimate.media_tokens else ""),
+                "--device to force it anyway"]
+    cpu = "" if plan.device == "cpu" else f", and the CPU has {format_bytes(hw.ram_available)} of RAM available"
+    return (f"{facts.model_id} needs about {format_bytes(estimate.total)} on {_device_name(plan.device)} "
+            f"in {plan.dtype} (weights {format_bytes(estimate.weights_bytes)}) but there is "
+            f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}){cpu}; try " + ", ".join(options))
 
 
 def check_device_available(hw: Hardware, request: Request) -> None:
@@ -443,6 +729,21 @@ def cpu_plan(hw: Hardware, plan: Plan, why: str) -> Plan:
     return Plan("cpu", dtype, None, plan.tier, (why, dtype_reason))
 
 
+def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
+    """The plan as plain data, for --json."""
+    estimate = plan.estimate
+    return {
+        "model_id": facts.model_id, "device": plan.device, "gpus": list(plan.gpus), "dtype": plan.dtype,
+        "quantization": plan.quantization, "tier": plan.tier,
+        "components": {name: {"parameters": p, "bytes": b} for name, (p, b) in estimate.components.items()},
+        "parameters": estimate.parameters, "weights_bytes": estimate.weights_bytes,
+        "context_tokens": estimate.context_tokens, "media_tokens": estimate.media_tokens,
+        "kv_cache_bytes": estimate.kv_cache_bytes, "activation_bytes": estimate.activation_bytes,
+        "estimated_bytes": estimate.total, "budget_bytes": plan.budget_bytes, "budget": plan.budget_source,
+        "fits": plan.fits, "reasons": list(plan.reasons), "hardware": describe_hardware(hw),
+    }
+
+
 # --- loading ----------------------------------------------------------------------
 
 def torch_dtype(name: str):
@@ -450,11 +751,31 @@ def torch_dtype(name: str):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def load_model(info: ModelInfo, plan: Plan, thinker_only: bool, trust_remote_code: bool):
+def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
+    """from_pretrained's placement arguments for the plan: the GPU(s) it chose, MPS, or the CPU."""
+    if plan.device == "cpu":
+        return {}
+    if kind == "omni" and len(plan.gpus) <= 1:
+        # accelerate offloading part of an Omni model to CPU or disk leaves meta tensors behind and
+        # generation dies (QwenLM/Qwen2.5-Omni #110, #149, #356): the whole model goes on one device,
+        # or memory runs out and we fall back.
+        return {"device_map": {"": f"cuda:{plan.gpus[0]}" if plan.gpus else plan.device}}
+    if plan.device == "cuda" and len(hw.cuda) > 1:
+        # Only the GPUs the plan chose; an Omni model may spread over GPUs but never to the CPU.
+        max_memory: dict = {i: hw.cuda[i].free_bytes for i in plan.gpus}
+        if kind != "omni":
+            max_memory["cpu"] = hw.ram_available
+        return {"device_map": "auto", "max_memory": max_memory}
+    return {"device_map": "auto"}
+
+
+def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, trust_remote_code: bool,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    kwargs = dict(dtype=torch_dtype(plan.dtype), trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype(plan.dtype), trust_remote_code=trust_remote_code,
+                  **device_map_for(plan, hw, info.kind))
     if plan.device == "cuda":
         import torch
         # PyTorch prefers cuDNN's attention on recent GPUs, and cuDNN builds a plan for every new
@@ -462,22 +783,18 @@ def load_model(info: ModelInfo, plan: Plan, thinker_only: bool, trust_remote_cod
         # cut a first run's decoding to a third of a warm one's (bench/profile_first_run.py).
         # The flash and memory-efficient kernels need no plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if plan.device != "cpu":
-        if info.kind == "omni":
-            # accelerate offloading part of an Omni model to CPU or disk leaves meta
-            # tensors behind and generation dies (QwenLM/Qwen2.5-Omni #110, #149, #356):
-            # the whole model goes on the one device, or memory runs out and we fall back.
-            kwargs["device_map"] = {"": plan.device}
-        else:
-            kwargs["device_map"] = "auto"
-            if plan.device == "mps":
-                say("🍎 Using MPS device mapping for Apple Silicon GPU")
+    if plan.device == "mps" and info.kind != "omni":
+        say("🍎 Using MPS device mapping for Apple Silicon GPU")
     if plan.quantization:
         kwargs["quantization_config"] = _bitsandbytes_config(plan)
     model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
     model.eval()
     loader = AutoTokenizer if info.kind == "text" else AutoProcessor
     processor = loader.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and hasattr(image_processor, "size"):
+        # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
+        image_processor.size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
     offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if plan.device != "cpu" and offloaded:
         say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
@@ -696,9 +1013,10 @@ class Job:
     stream: bool
     thinker_only: bool
     trust_remote_code: bool
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def run_plan(job: Job, plan: Plan) -> Stats:
+def run_plan(job: Job, plan: Plan, hw: Hardware) -> Stats:
     """Load, prepare the inputs, generate; stats on the way."""
     import torch
 
@@ -706,7 +1024,7 @@ def run_plan(job: Job, plan: Plan) -> Stats:
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model, processor = load_model(job.info, plan, job.thinker_only, job.trust_remote_code)
+    model, processor = load_model(job.info, plan, hw, job.thinker_only, job.trust_remote_code, job.max_pixels)
     stats.load_s = time.perf_counter() - start
     say(describe_sampling(model.generation_config, job.sampling))
     try:
@@ -722,7 +1040,7 @@ def run_plan(job: Job, plan: Plan) -> Stats:
 def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Stats:
     """Run the plan; if memory runs out on an accelerator, free it and retry once on the CPU."""
     try:
-        return run_plan(job, plan)
+        return run_plan(job, plan, hw)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -735,7 +1053,7 @@ def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Stats:
     for line in fallback.reasons:
         say(line)
     try:
-        return run_plan(job, fallback)
+        return run_plan(job, fallback, hw)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise RunError(f"out of memory on {failed} and on the CPU; try a smaller model such as "
@@ -800,8 +1118,8 @@ def self_test(hw: Hardware, request: Request, debug: bool) -> int:
         build_tiny_qwen2(Path(folder))
         say(f"🧪 Built a tiny random-weight Qwen2 model in {time.perf_counter() - start:.1f} s")
         info = resolve_model(folder)
-        size = count_parameters(load_config(info, False), info, False, False)
-        plan = choose_plan(hw, size.loading, request)
+        facts = model_facts(load_config(info, False), info, False)
+        plan = choose_plan(hw, facts, request)
         for line in plan.reasons:
             say(line)
         job = Job(info, build_messages("Say hello.", None, [], "text"), Sampling(max_new_tokens=8, temperature=0),
@@ -848,6 +1166,11 @@ def _float_in(low: float, high: float, low_open: bool):
     return parse
 
 
+def _hardware_spec(text: str) -> str:
+    parse_hardware_spec(text)
+    return text.strip().lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="run_multimodal.py",
@@ -862,6 +1185,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image_path", action="append", default=[], metavar="PATH",
                        help="an image to show the model; give the flag again for more images")
     model.add_argument("--system_prompt", help="replace the model's default system prompt")
+    model.add_argument("--max_pixels", type=_int_at_least(MIN_PIXELS), default=DEFAULT_MAX_PIXELS,
+                       help="larger images are scaled down to this many pixels; each 28x28 pixels is one token "
+                            f"(default: {DEFAULT_MAX_PIXELS}, at most {DEFAULT_MAX_PIXELS // 784} tokens an image)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
                      help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
@@ -881,6 +1207,14 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
                     help="bitsandbytes quantization, CUDA only (default: none)")
     hw.add_argument("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
+    plan = parser.add_argument_group("planning")
+    plan.add_argument("--dry_run", action="store_true",
+                      help="print the plan (device, dtype, memory per component, whether it fits) without "
+                           "loading any weights; only config.json is read")
+    plan.add_argument("--hardware", type=_hardware_spec, metavar="SPEC",
+                      help="with --dry_run: plan for another machine instead of this one: mps:16 (a Mac with "
+                           "16 GB), cuda:24 or cuda:24,24 (GPUs with that many GB), cpu:32 (32 GB of RAM, no GPU)")
+    plan.add_argument("--json", action="store_true", help="with --dry_run: print the plan as one JSON object on stdout")
     misc = parser.add_argument_group("other")
     misc.add_argument("--trust_remote_code", action="store_true",
                       help="allow a model repository to run its own Python code (off by default: it runs "
@@ -891,8 +1225,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(args: argparse.Namespace) -> str | None:
     if args.prompt is None:
+        if args.dry_run:
+            return None
         raise UsageError("--prompt is required (or --prompt - to read it from stdin)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -900,16 +1236,58 @@ def read_prompt(args: argparse.Namespace) -> str:
     return prompt.strip()
 
 
-def request_from_args(args: argparse.Namespace) -> Request:
+def estimate_text_tokens(prompt: str | None, system_prompt: str | None) -> int:
+    """The prompt's tokens before a tokenizer is loaded: Qwen's tokenizer gives about one token per
+    4 bytes of English; count one per 2 bytes (CJK, code) plus the chat template's own tokens."""
+    text = (prompt or "") + (system_prompt or "")
+    return math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS
+
+
+def request_from_args(args: argparse.Namespace, prompt: str | None = None,
+                      image_sizes: tuple[tuple[int, int], ...] = ()) -> Request:
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
-    return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu)
+    if args.hardware and not args.dry_run:
+        raise UsageError("--hardware describes another machine, so it works only with --dry_run")
+    if args.json and not args.dry_run:
+        raise UsageError("--json works with --dry_run for now (it prints the plan as JSON)")
+    return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu,
+                   max_new_tokens=args.max_new_tokens, text_tokens=estimate_text_tokens(prompt, args.system_prompt),
+                   image_sizes=image_sizes, max_pixels=args.max_pixels)
+
+
+def describe_model(info: ModelInfo, facts: ModelFacts, components: tuple[str, ...]) -> str:
+    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(facts.total)} parameters"
+    if info.kind == "omni" and "talker" not in components:
+        line += (f"; loading the thinker only ({format_count(facts.parameters['thinker'])}): no speech output "
+                 "was asked for, so the talker and token2wav stay on disk")
+    return line
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """The dry run's table: what loads, what it takes, against which budget."""
+    estimate = plan.estimate
+    where = plan.device + (f" ({', '.join(f'cuda:{i}' for i in plan.gpus)})" if plan.gpus else "")
+    lines = [f"📋 Plan: {where}, {plan.dtype}, "
+             + (f"{plan.quantization} quantization" if plan.quantization else "no quantization")]
+    for name, (parameters, nbytes) in estimate.components.items():
+        precision = "float32" if name in FLOAT32_COMPONENTS else (plan.quantization or plan.dtype)
+        lines.append(f"   {name:<12}{format_count(parameters):>10}  {format_bytes(nbytes):>10}  {precision}")
+    media = f", {estimate.media_tokens} of them for media" if estimate.media_tokens else ""
+    lines.append(f"   {'KV cache':<12}{'':>10}  {format_bytes(estimate.kv_cache_bytes):>10}  "
+                 f"{estimate.context_tokens} tokens (prompt, estimated{media}, + --max_new_tokens)")
+    lines.append(f"   {'margin':<12}{'':>10}  {format_bytes(estimate.activation_bytes):>10}  "
+                 "activations, media encoders, allocator slack")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"   {'total':<12}{format_count(estimate.parameters):>10}  {format_bytes(estimate.total):>10}  "
+                 f"of {format_bytes(plan.budget_bytes)} ({plan.budget_source}): {verdict}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
     """The whole job, in the order the data flows."""
-    request = request_from_args(args)
     if args.self_test:
+        request = request_from_args(args)
         hw = detect_hardware()
         check_device_available(hw, request)
         for line in describe_hardware(hw):
@@ -919,30 +1297,44 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before anything heavy happens.
     prompt = read_prompt(args)
     images = [load_image(path) for path in args.image_path]
+    request = request_from_args(args, prompt, tuple(image.size for image in images))
     info = resolve_model(args.model_id)
     if images and "image" not in info.inputs:
         raise UsageError(f"--image_path: {args.model_id} is a text-only model and cannot see images; "
                          f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
 
+    # The plan: from config.json alone (no weights) and the hardware, real or described.
     _quiet_libraries(args.debug)
-    thinker_only = info.kind == "omni"   # speech output is not asked for: the talker stays on disk
-    size = count_parameters(load_config(info, args.trust_remote_code), info, thinker_only, args.trust_remote_code)
-
-    hw = detect_hardware()
+    facts = model_facts(load_config(info, args.trust_remote_code), info, args.trust_remote_code)
+    hw = simulated_hardware(args.hardware) if args.hardware else detect_hardware()
     check_device_available(hw, request)
     for line in describe_hardware(hw):
         say(line)
-    say(describe_size(info, size, thinker_only))
-    plan = choose_plan(hw, size.loading, request)
+    components = loading_components(facts, request.speech)
+    say(describe_model(info, facts, components))
+    plan = choose_plan(hw, facts, request)
     for line in plan.reasons:
         say(line)
+    if args.dry_run:
+        for line in describe_plan(plan):
+            say(line)
+        if args.json:
+            print(json.dumps(plan_as_dict(facts, plan, hw), indent=2))
+        if not plan.fits:
+            say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}")
+            return EXIT_FAILURE
+        say("✅ Dry run: no weights were loaded; a real run would follow this plan")
+        return EXIT_OK
+    if not plan.fits:
+        raise RunError(does_not_fit_message(facts, plan, hw))
 
     if args.seed is not None:
         from transformers import set_seed
         set_seed(args.seed)
     job = Job(info, build_messages(prompt, args.system_prompt, images, info.kind),
               Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
-              stream=not args.no_stream, thinker_only=thinker_only, trust_remote_code=args.trust_remote_code)
+              stream=not args.no_stream, thinker_only=info.kind == "omni" and "talker" not in components,
+              trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels)
     stats = run_with_fallback(job, plan, hw)
     say(describe_stats(stats))
     return EXIT_OK

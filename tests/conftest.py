@@ -40,3 +40,24 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: build(root / name) for name, build in builders.BUILDERS.items()}
+
+
+REAL_CONFIGS = ["Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct",
+                "Qwen--Qwen2.5-VL-3B-Instruct", "Qwen--Qwen2.5-Omni-3B"]
+
+
+@pytest.fixture(scope="session")
+def real_facts() -> dict:
+    """ModelFacts of every real published config in tests/configs, counted on the meta device."""
+    import json
+
+    import run_multimodal as rm
+
+    rm._quiet_libraries(debug=False)
+    found = {}
+    for name in REAL_CONFIGS:
+        path = CONFIGS / name / "config.json"
+        info = rm.model_info_from_config(name, json.loads(path.read_text()))
+        found[name] = rm.model_facts(rm.load_config(rm.ModelInfo(str(path.parent), info.model_type, info.kind,
+                                                                 info.inputs), False), info, False)
+    return found

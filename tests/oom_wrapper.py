@@ -4,6 +4,8 @@ Used by test_memory_fallback.py. Environment:
   SIMULATED_GPU_GB=8   a CUDA GPU of that size is present (we have none here): loading onto
                        it raises torch.OutOfMemoryError, as a real one would for a model too big
   OOM_AT_GENERATE=1    the first call of generate() raises torch.OutOfMemoryError
+  SIMULATED_RAM_GB=0.1 the machine has that much RAM available
+Every from_pretrained of a model prints "[oom_wrapper] from_pretrained" on stderr.
 The tool itself runs unchanged; only transformers' entry points and the hardware are wrapped.
 """
 
@@ -19,23 +21,34 @@ import transformers  # noqa: E402
 import run_multimodal as rm  # noqa: E402
 
 gpu_gb = os.environ.get("SIMULATED_GPU_GB")
-if gpu_gb:
-    real_detect = rm.detect_hardware
+ram_gb = os.environ.get("SIMULATED_RAM_GB")
+real_detect = rm.detect_hardware
 
-    def detect_with_gpu():
+
+def detect_simulated():
+    hw = real_detect()
+    if gpu_gb:
         gpu = rm.CudaDevice("Simulated GPU", int(gpu_gb) * rm.GB, int(gpu_gb) * rm.GB, bf16=True)
-        return rm.dataclasses.replace(real_detect(), cuda=(gpu,))
+        hw = rm.dataclasses.replace(hw, cuda=(gpu,))
+    if ram_gb:
+        hw = rm.dataclasses.replace(hw, ram_available=int(float(ram_gb) * rm.GB))
+    return hw
 
-    rm.detect_hardware = detect_with_gpu
+
+rm.detect_hardware = detect_simulated
+real_from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+
+def from_pretrained(cls, *args, **kwargs):
+    print("[oom_wrapper] from_pretrained", file=sys.stderr)
+    if gpu_gb and kwargs.get("device_map") is not None:   # bound for the (simulated) GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return real_from_pretrained(cls, *args, **kwargs)
+
+
+transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+if gpu_gb:
     torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
-    real_from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
-
-    def from_pretrained(cls, *args, **kwargs):
-        if kwargs.get("device_map") is not None:   # bound for the (simulated) GPU
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real_from_pretrained(cls, *args, **kwargs)
-
-    transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 if os.environ.get("OOM_AT_GENERATE"):
     real_generate = transformers.GenerationMixin.generate

@@ -109,8 +109,11 @@ def test_automatic_choice_on_this_machine(tiny_models):
 
     result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--max_new_tokens", "4")
     assert result.returncode == 0, result.stderr
-    plan = rm.choose_plan(rm.detect_hardware(), 99_904, rm.Request())
-    assert all(reason in result.stderr for reason in plan.reasons)
+    facts = rm.model_facts(rm.load_config(rm.resolve_model(str(tiny_models["qwen2"])), False),
+                           rm.resolve_model(str(tiny_models["qwen2"])), False)
+    plan = rm.choose_plan(rm.detect_hardware(), facts, rm.Request())
+    assert all(reason in result.stderr for reason in plan.reasons[:2])   # device and dtype; then the fit
+    assert plan.fits and "(available RAM): fits" in result.stderr
     assert f"📈 {plan.device}:" in result.stderr
     assert "🧠 " in result.stderr and "99.9 K parameters" in result.stderr
 

@@ -29,37 +29,21 @@ T4 = rm.CudaDevice("Tesla T4", 16 * GB, 15 * GB, bf16=False)
 
 # --- exact sizes from the real configs ---------------------------------------------
 
-def _size(name: str, thinker_only: bool = False) -> rm.ModelSize:
-    path = CONFIGS / name / "config.json"
-    info = rm.model_info_from_config(str(path.parent), json.loads(path.read_text()))
-    return rm.count_parameters(rm.load_config(info, False), info, thinker_only, False)
-
-
-@pytest.fixture(scope="module")
-def sizes() -> dict[str, rm.ModelSize]:
-    rm._quiet_libraries(debug=False)
-    names = ["Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct",
-             "Qwen--Qwen2.5-VL-3B-Instruct"]
-    found = {name: _size(name) for name in names}
-    found["Qwen--Qwen2.5-Omni-3B"] = _size("Qwen--Qwen2.5-Omni-3B", thinker_only=True)
-    return found
-
-
-def test_exact_parameter_counts_match_the_published_sizes(sizes):
+def test_exact_parameter_counts_match_the_published_sizes(real_facts):
     # configs/SOURCES.md: 0.494 B, 1.544 B, 3.086 B, 3.755 B; Omni 5.537 B = 4.703 + 0.385 + 0.449
-    assert sizes["Qwen--Qwen2.5-0.5B-Instruct"].total == 494_032_768
-    assert sizes["Qwen--Qwen2.5-1.5B-Instruct"].total == 1_543_714_304
-    assert sizes["Qwen--Qwen2.5-3B-Instruct"].total == 3_085_938_688
-    assert sizes["Qwen--Qwen2.5-VL-3B-Instruct"].total == 3_754_622_976
-    omni = sizes["Qwen--Qwen2.5-Omni-3B"]
+    assert real_facts["Qwen--Qwen2.5-0.5B-Instruct"].total == 494_032_768
+    assert real_facts["Qwen--Qwen2.5-1.5B-Instruct"].total == 1_543_714_304
+    assert real_facts["Qwen--Qwen2.5-3B-Instruct"].total == 3_085_938_688
+    assert real_facts["Qwen--Qwen2.5-VL-3B-Instruct"].total == 3_754_622_976
+    omni = real_facts["Qwen--Qwen2.5-Omni-3B"]
     assert omni.total == 5_537_120_640
-    assert omni.components == {"thinker": 4_703_464_448, "talker": 384_604_928, "token2wav": 449_051_264}
-    assert omni.loading == omni.components["thinker"]
+    assert omni.parameters == {"thinker": 4_703_464_448, "talker": 384_604_928, "token2wav": 449_051_264}
+    assert rm.loading_components(omni, speech=False) == ("thinker",)
 
 
-def test_tied_embeddings_are_counted_once(sizes):
+def test_tied_embeddings_are_counted_once(real_facts):
     # Qwen2.5-0.5B ties lm_head to the 151936 x 896 embedding; counted twice it would be 0.630 B.
-    assert sizes["Qwen--Qwen2.5-0.5B-Instruct"].total == 630_167_424 - 151_936 * 896
+    assert real_facts["Qwen--Qwen2.5-0.5B-Instruct"].total == 630_167_424 - 151_936 * 896
 
 
 @pytest.mark.parametrize("name, tier", [
@@ -69,8 +53,9 @@ def test_tied_embeddings_are_counted_once(sizes):
     ("Qwen--Qwen2.5-VL-3B-Instruct", "medium"),
     ("Qwen--Qwen2.5-Omni-3B", "medium"),
 ])
-def test_real_configs_fall_in_the_guides_tiers(sizes, name, tier):
-    assert rm.size_tier(sizes[name].loading) == tier
+def test_real_configs_fall_in_the_guides_tiers(real_facts, name, tier):
+    facts = real_facts[name]
+    assert rm.size_tier(sum(facts.parameters[c] for c in rm.loading_components(facts, False))) == tier
 
 
 @pytest.mark.parametrize("parameters, tier", [
@@ -85,6 +70,13 @@ def test_tier_boundaries(parameters, tier):
 # --- the policy table --------------------------------------------------------------
 
 SMALL, MEDIUM, LARGE = 1_543_714_304, 4_703_464_448, 7_615_616_512
+
+
+def facts(parameters: int) -> rm.ModelFacts:
+    """A text model of that many parameters with Qwen2.5-3B's cache shape."""
+    return rm.ModelFacts(model_id="test/model", kind="text", parameters={"model": parameters},
+                         quantizable={"model": parameters * 9 // 10}, kv_elements_per_token=2 * 36 * 2 * 128,
+                         num_layers=36, hidden_size=2048, intermediate_size=11008, context_window=32768)
 
 POLICY = [
     # hardware, parameters, device, dtype
@@ -109,22 +101,22 @@ POLICY = [
 
 @pytest.mark.parametrize("hw, parameters, device, dtype", POLICY)
 def test_policy(hw, parameters, device, dtype):
-    plan = rm.choose_plan(hw, parameters, rm.Request())
+    plan = rm.choose_plan(hw, facts(parameters), rm.Request())
     assert (plan.device, plan.dtype, plan.quantization) == (device, dtype, None)
 
 
 def test_reasons_use_the_guides_words():
-    plan = rm.choose_plan(mac(16), MEDIUM, rm.Request())
+    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Request())
     assert plan.reasons[0] == "🚀 Medium model with sufficient RAM - using MPS"
     assert rm.describe_hardware(mac(16))[:2] == ["🍎 Apple Silicon detected with MPS support",
                                                  "📊 System RAM: 16.0 GB (8.0 GB available)"]
-    plan = rm.choose_plan(mac(8), MEDIUM, rm.Request())
+    plan = rm.choose_plan(mac(8), facts(MEDIUM), rm.Request())
     assert plan.reasons[0] == "💻 Medium model needs 16 GB of RAM for MPS (this Mac has 8.0 GB) - using CPU"
 
 
 def test_a_16_gb_mac_counts_as_16_gb():
     # psutil reports 17179869184 bytes for a 16 GB Mac: exactly the threshold.
-    assert rm.choose_plan(mac(16), MEDIUM, rm.Request()).device == "mps"
+    assert rm.choose_plan(mac(16), facts(MEDIUM), rm.Request()).device == "mps"
 
 
 @pytest.mark.parametrize("request_, device, dtype, says", [
@@ -134,27 +126,27 @@ def test_a_16_gb_mac_counts_as_16_gb():
     (rm.Request(device="mps"), "mps", "float16", "--device mps"),
 ])
 def test_flags_override_the_policy_and_say_so(request_, device, dtype, says):
-    plan = rm.choose_plan(mac(8), LARGE, request_)
+    plan = rm.choose_plan(mac(8), facts(LARGE), request_)
     assert (plan.device, plan.dtype) == (device, dtype)
     assert any(says in reason for reason in plan.reasons)
 
 
 def test_quantization_is_never_tried_on_apple_silicon():
-    plan = rm.choose_plan(mac(16), MEDIUM, rm.Request(quantize="4bit"))
+    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Request(quantize="4bit"))
     assert plan.quantization is None
-    assert plan.reasons[-2:] == ("🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
+    assert plan.reasons[2:4] == ("🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
                                  "💡 MPS will provide GPU acceleration instead")
 
 
 def test_quantization_on_cuda_and_not_on_the_cpu():
-    assert rm.choose_plan(linux(False, H100), LARGE, rm.Request(quantize="4bit")).quantization == "4bit"
-    assert rm.choose_plan(linux(False, H100), LARGE, rm.Request(quantize="8bit")).quantization == "8bit"
-    plan = rm.choose_plan(linux(True), LARGE, rm.Request(quantize="8bit"))
-    assert plan.quantization is None and "needs a CUDA GPU" in plan.reasons[-1]
+    assert rm.choose_plan(linux(False, H100), facts(LARGE), rm.Request(quantize="4bit")).quantization == "4bit"
+    assert rm.choose_plan(linux(False, H100), facts(LARGE), rm.Request(quantize="8bit")).quantization == "8bit"
+    plan = rm.choose_plan(linux(True), facts(LARGE), rm.Request(quantize="8bit"))
+    assert plan.quantization is None and "needs a CUDA GPU" in plan.reasons[2]
 
 
 def test_out_of_memory_fallback_plan_uses_the_cpus_dtype():
-    plan = rm.choose_plan(mac(16), MEDIUM, rm.Request())
+    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Request())
     fallback = rm.cpu_plan(mac(16), plan, "why")
     assert (fallback.device, fallback.dtype, fallback.quantization) == ("cpu", "float32", None)
     assert rm.cpu_plan(linux(True, H100), plan, "why").dtype == "bfloat16"

@@ -1,0 +1,273 @@
+"""Planning before loading: exact memory per component, fit checks against a device's budget, the
+dry run and --hardware. Pure functions are tested on the real published configs; the dry run and the
+refusal are run as a user runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import run_multimodal as rm
+from conftest import CONFIGS, SAMPLE_IMAGE, SECOND_IMAGE, offline_env, run_tool
+
+GB = rm.GB
+OMNI, VL = "Qwen--Qwen2.5-Omni-3B", "Qwen--Qwen2.5-VL-3B-Instruct"
+Q05, Q15, Q3 = "Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct"
+
+
+def spec(text: str, cpu_bf16: bool = True, ram_gb: float = 64) -> rm.Hardware:
+    """A --hardware machine, with the CPU facts pinned so that the test does not depend on this CPU."""
+    hw = rm.simulated_hardware(text)
+    if hw.apple_silicon:
+        return hw
+    ram = hw.ram_total if text.startswith("cpu") else int(ram_gb * GB)
+    return dataclasses.replace(hw, cpu_bf16=cpu_bf16, ram_total=ram, ram_available=ram)
+
+
+# --- sizes -------------------------------------------------------------------------
+
+def test_full_omni_weights_match_the_published_checkpoint(real_facts):
+    omni = real_facts[OMNI]
+    full = rm.estimate_memory(omni, rm.SPEECH_COMPONENTS, "bfloat16", None, rm.Request(speech=True))
+    assert full.parameters == 5_537_120_640
+    # bf16 thinker and talker, float32 token2wav: the published checkpoint is 11.97 GB (decimal).
+    assert full.weights_bytes == (4_703_464_448 + 384_604_928) * 2 + 449_051_264 * 4 == 11_972_343_808
+    assert abs(full.weights_bytes / 11.97e9 - 1) < 0.01
+    assert full.components["token2wav"] == (449_051_264, 449_051_264 * 4)   # float32 whatever the dtype
+
+
+def test_thinker_alone_without_speech(real_facts):
+    omni = real_facts[OMNI]
+    plan = rm.choose_plan(spec("cuda:80"), omni, rm.Request())
+    assert list(plan.estimate.components) == ["thinker"]
+    assert plan.estimate.parameters == 4_703_464_448
+    assert plan.estimate.weights_bytes == 4_703_464_448 * 2
+    speech = rm.choose_plan(spec("cuda:80"), omni, rm.Request(speech=True))
+    assert list(speech.estimate.components) == ["thinker", "talker", "token2wav"]
+    assert speech.tier == "medium"
+
+
+def test_kv_cache_counts_prompt_media_and_new_tokens(real_facts):
+    facts = real_facts[Q3]   # 36 layers x 2 KV heads x 128 dims x (K and V)
+    assert facts.kv_elements_per_token == 36 * 2 * 128 * 2
+    request = rm.Request(max_new_tokens=1000, text_tokens=24)
+    estimate = rm.estimate_memory(facts, ("model",), "bfloat16", None, request)
+    assert estimate.context_tokens == 1024
+    assert estimate.kv_cache_bytes == 1024 * 18432 * 2
+    longer = rm.estimate_memory(facts, ("model",), "bfloat16", None, dataclasses.replace(request, max_new_tokens=9000))
+    assert longer.kv_cache_bytes == 9024 * 18432 * 2
+
+
+def test_four_bit_keeps_the_output_head_in_the_compute_dtype(real_facts):
+    facts = real_facts[Q15]
+    packed = facts.quantizable["model"]
+    assert packed == 1_310_253_056   # every Linear of the 28 layers; the tied 151936 x 1536 head is not
+    estimate = rm.estimate_memory(facts, ("model",), "bfloat16", "4bit", rm.Request())
+    assert estimate.weights_bytes == int(packed * (0.5 + 4 / 64) + (facts.total - packed) * 2)
+
+
+@pytest.mark.parametrize("width, height, max_pixels, tokens", [
+    (451, 300, rm.DEFAULT_MAX_PIXELS, 22 * 32 // 4 + 2),      # the sample photo: 308 x 448 after resizing
+    (448, 448, rm.DEFAULT_MAX_PIXELS, 16 * 16 + 2),
+    (4000, 3000, rm.DEFAULT_MAX_PIXELS, 30 * 41 + 2),        # 12 MP photo: 840 x 1148, under 1280 tokens
+    (4000, 3000, 256 * 28 * 28, 13 * 18 + 2),
+    (20, 20, rm.DEFAULT_MAX_PIXELS, 4 + 2),                   # scaled up to the 56 x 56 minimum
+])
+def test_visual_tokens(real_facts, width, height, max_pixels, tokens):
+    assert rm.image_tokens(real_facts[VL].vision, width, height, max_pixels) == tokens
+
+
+def test_visual_tokens_match_the_real_processor(tiny_models):
+    """The estimate counts what the processor, loaded the way a run loads it, really produces."""
+    from PIL import Image
+
+    info = rm.resolve_model(str(tiny_models["qwen2_5_vl"]))
+    plan = rm.Plan("cpu", "float32", None, "small", ())
+    hw = rm.simulated_hardware("cpu:8")
+    for max_pixels in (rm.DEFAULT_MAX_PIXELS, 100_000):
+        model, processor = rm.load_model(info, plan, hw, False, False, max_pixels)
+        vision = rm.VisionFacts(model.config.vision_config.patch_size, model.config.vision_config.spatial_merge_size,
+                                model.config.vision_config.hidden_size)
+        for image in (rm.load_image(str(SAMPLE_IMAGE)), rm.load_image(str(SECOND_IMAGE)),
+                      Image.new("RGB", (4000, 3000)), Image.new("RGB", (20, 20))):
+            inputs = rm.prepare_inputs(processor, rm.build_messages("Hi", None, [image], "multimodal"), "cpu")
+            seen = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            assert rm.image_tokens(vision, *image.size, max_pixels) == seen + 2, (image.size, max_pixels)
+
+
+# --- budgets and choices -------------------------------------------------------------
+
+def test_budgets():
+    assert rm.metal_budget(spec("mps:16")) == (int(16 * GB * 2 / 3), "Metal's working-set limit (~67% of RAM)")
+    assert rm.metal_budget(spec("mps:64"))[0] == 48 * GB
+    real_mac = dataclasses.replace(spec("mps:16"), metal_budget=11 * GB)
+    assert rm.metal_budget(real_mac) == (11 * GB, "Metal's working-set limit")
+    assert rm.place(spec("cuda:24"), "cuda", 20 * GB) == (True, 24 * GB - GB // 2, "free memory of cuda:0", (0,))
+    assert rm.place(spec("cpu:32"), "cpu", 33 * GB)[:3] == (False, 32 * GB, "available RAM")
+
+
+PLANS = [
+    # spec, model, speech, device, dtype, quantization, fits
+    ("mps:16", OMNI, False, "mps", "float16", None, True),      # the thinker fits Metal's 10.7 GB
+    ("mps:16", OMNI, True, "cpu", "bfloat16", None, True),      # the full model: not MPS, nor float32 in RAM
+    ("mps:32", OMNI, True, "mps", "float16", None, True),
+    ("mps:8", Q15, False, "mps", "float16", None, True),
+    ("mps:8", Q3, False, "cpu", "bfloat16", None, True),        # float32 would not fit 8 GB; slow but runs
+    ("mps:8", OMNI, False, "cpu", "float32", None, False),
+    ("cuda:24", OMNI, True, "cuda", "bfloat16", None, True),
+    ("cuda:12", VL, False, "cuda", "bfloat16", None, True),
+    ("cuda:8", VL, False, "cuda", "bfloat16", "4bit", True),    # 7.5 GB of bf16 weights: 4-bit instead
+    ("cuda:8", OMNI, False, "cuda", "bfloat16", "4bit", True),
+    ("cuda:4,4", Q3, False, "cuda", "bfloat16", None, True),     # spread over two GPUs
+    ("cuda:2", Q3, False, "cpu", "bfloat16", None, True),       # even 4-bit is too big for 1.5 GB
+    ("cpu:4", Q05, False, "cpu", "bfloat16", None, True),
+    ("cpu:4", Q3, False, "cpu", "bfloat16", None, False),
+    ("cpu:16", OMNI, False, "cpu", "bfloat16", None, True),
+]
+
+
+@pytest.mark.parametrize("hardware, model, speech, device, dtype, quantization, fits", PLANS)
+def test_plans_for_every_config(real_facts, hardware, model, speech, device, dtype, quantization, fits):
+    plan = rm.choose_plan(spec(hardware), real_facts[model], rm.Request(speech=speech))
+    assert (plan.device, plan.dtype, plan.quantization, plan.fits) == (device, dtype, quantization, fits)
+    assert plan.estimate.total == (plan.estimate.weights_bytes + plan.estimate.kv_cache_bytes
+                                   + plan.estimate.activation_bytes)
+    if fits:
+        assert plan.estimate.total <= plan.budget_bytes
+
+
+def test_the_tier_policy_comes_first_and_the_switch_is_explained(real_facts):
+    plan = rm.choose_plan(spec("cuda:8"), real_facts[VL], rm.Request())
+    assert plan.reasons[0] == "🚀 NVIDIA GPU found (simulated 8 GB GPU) - using CUDA"
+    assert plan.reasons[2].startswith("📐 Needs about 7.62 GB on the GPU (weights 6.99 GB")
+    assert plan.reasons[2].endswith("of 7.50 GB (free memory of cuda:0): does not fit")
+    assert plan.reasons[3] == "⚠️ Too big for the GPU in bfloat16: using the GPU with 4bit quantization instead"
+    assert plan.reasons[-1].endswith(": fits")
+
+
+def test_four_bit_needs_bitsandbytes_installed(real_facts):
+    hw = dataclasses.replace(spec("cuda:8", ram_gb=64), bitsandbytes=False)
+    plan = rm.choose_plan(hw, real_facts[VL], rm.Request())
+    assert (plan.device, plan.quantization) == ("cpu", None)
+    assert any(r.startswith("💡 4-bit quantization would fit on the GPU") and r.endswith("pip install bitsandbytes "
+               "to use it") for r in plan.reasons)
+
+
+def test_a_cpu_without_bf16_takes_bfloat16_only_when_float32_does_not_fit(real_facts):
+    plan = rm.choose_plan(spec("cpu:16", cpu_bf16=False), real_facts[Q3], rm.Request())
+    assert (plan.dtype, plan.fits) == ("float32", True)
+    plan = rm.choose_plan(spec("cpu:8", cpu_bf16=False), real_facts[Q3], rm.Request())
+    assert (plan.dtype, plan.fits) == ("bfloat16", True)
+    assert "slow: this CPU lacks native bf16" in plan.reasons[-2]
+
+
+def test_forcing_a_device_warns_instead_of_switching(real_facts):
+    plan = rm.choose_plan(spec("cuda:8"), real_facts[VL], rm.Request(device="cuda"))
+    assert (plan.device, plan.quantization, plan.fits) == ("cuda", None, False)
+    assert plan.reasons[-1].startswith("⚠️ Going ahead on the GPU because you asked for it")
+
+
+def test_more_new_tokens_and_larger_images_cost_memory(real_facts):
+    base = rm.Request(image_sizes=((4000, 3000),))
+    small = rm.choose_plan(spec("cuda:80"), real_facts[VL], dataclasses.replace(base, max_pixels=256 * 28 * 28))
+    large = rm.choose_plan(spec("cuda:80"), real_facts[VL], base)
+    assert (small.estimate.media_tokens, large.estimate.media_tokens) == (236, 1232)
+    assert large.estimate.kv_cache_bytes - small.estimate.kv_cache_bytes == 996 * 18432 * 2
+    assert large.estimate.activation_bytes > small.estimate.activation_bytes
+
+
+def test_the_refusal_names_the_figures_and_the_options(real_facts):
+    hw = spec("mps:8")
+    plan = rm.choose_plan(hw, real_facts[OMNI], rm.Request(image_sizes=((451, 300),)))
+    message = rm.does_not_fit_message(real_facts[OMNI], plan, hw)
+    assert message.startswith("Qwen--Qwen2.5-Omni-3B needs about 18.9")
+    assert "on the CPU in float32 (weights 17.52 GB) but there is 8.00 GB (available RAM); try a smaller model " \
+           "such as Qwen/Qwen2.5-1.5B-Instruct, fewer --max_new_tokens or --max_pixels, --device to force it " \
+           "anyway" in message
+
+
+def test_hardware_specs():
+    assert rm.parse_hardware_spec("cuda:24,24") == ("cuda", (24.0, 24.0))
+    assert rm.parse_hardware_spec("MPS:16") == ("mps", (16.0,))
+    for bad in ("gpu:8", "mps", "mps:", "mps:16,16", "cuda:x", "cpu:-4", "cuda:24,", "cpu:0"):
+        with pytest.raises(Exception, match="is not a hardware spec"):
+            rm.parse_hardware_spec(bad)
+    mac = rm.simulated_hardware("mps:16")
+    assert (mac.apple_silicon, mac.mps_available, mac.ram_total, mac.cuda) == (True, True, 16 * GB, ())
+    two = rm.simulated_hardware("cuda:24,48")
+    assert [gpu.total_bytes for gpu in two.cuda] == [24 * GB, 48 * GB]
+
+
+def test_placement_arguments_follow_the_plan():
+    two = spec("cuda:24,24")
+    spread = rm.Plan("cuda", "bfloat16", None, "large", (), gpus=(0, 1))
+    assert rm.device_map_for(spread, two, "text") == {
+        "device_map": "auto", "max_memory": {0: two.cuda[0].free_bytes, 1: two.cuda[1].free_bytes,
+                                             "cpu": two.ram_available}}
+    assert "cpu" not in rm.device_map_for(spread, two, "omni")["max_memory"]   # never offloaded to the CPU
+    one = rm.Plan("cuda", "bfloat16", None, "medium", (), gpus=(1,))
+    assert rm.device_map_for(one, two, "omni") == {"device_map": {"": "cuda:1"}}
+    assert rm.device_map_for(one, spec("cuda:24"), "text") == {"device_map": "auto"}
+    assert rm.device_map_for(rm.Plan("cpu", "float32", None, "small", ()), two, "text") == {}
+
+
+# --- the dry run, as a user runs it ------------------------------------------------------
+
+def test_dry_run_json_on_a_folder_with_only_config_json(tmp_path):
+    folder = tmp_path / "omni"
+    folder.mkdir()
+    shutil.copy(CONFIGS / OMNI / "config.json", folder / "config.json")
+    result = run_tool("--model_id", folder, "--dry_run", "--json", "--hardware", "mps:16",
+                      "--image_path", SAMPLE_IMAGE, "--prompt", "What is in this picture?")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["device"], plan["dtype"], plan["quantization"], plan["fits"]) == ("mps", "float16", None, True)
+    assert plan["components"] == {"thinker": {"parameters": 4_703_464_448, "bytes": 4_703_464_448 * 2}}
+    assert plan["parameters"] == 4_703_464_448 and plan["weights_bytes"] == 4_703_464_448 * 2
+    assert plan["media_tokens"] == 178
+    assert plan["estimated_bytes"] == plan["weights_bytes"] + plan["kv_cache_bytes"] + plan["activation_bytes"]
+    assert plan["budget_bytes"] == int(16 * GB * 2 / 3)
+    assert plan["reasons"][0] == "🚀 Medium model with sufficient RAM - using MPS"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]   # nothing downloaded or written
+    assert "✅ Dry run: no weights were loaded" in result.stderr
+
+
+def test_dry_run_that_fits_nowhere_exits_1_with_the_figures():
+    result = run_tool("--model_id", CONFIGS / OMNI, "--dry_run", "--hardware", "mps:8")
+    assert result.returncode == 1
+    assert "does NOT fit" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"❌ A real run would stop here: {CONFIGS / OMNI} needs about 18.69 GB on the CPU in float32")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--dry_run", "--hardware", "tpu:8"), "argument --hardware: 'tpu:8' is not a hardware spec; use mps:16"),
+    (("--prompt", "Hi", "--hardware", "mps:16"), "--hardware describes another machine, so it works only with "
+                                                  "--dry_run"),
+    (("--dry_run", "--max_pixels", "100"), "argument --max_pixels: must be 3136 or more, got 100"),
+])
+def test_planning_flags_are_checked(args, message):
+    result = run_tool("--model_id", CONFIGS / Q05, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1
+
+
+def test_a_real_run_prints_the_plan_it_follows(tiny_models):
+    result = run_tool("--model_id", tiny_models["qwen2_5_vl"], "--prompt", "Hi", "--image_path", SAMPLE_IMAGE,
+                      "--max_new_tokens", "4", "--temperature", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    fit = [line for line in result.stderr.splitlines() if line.startswith("📐")]
+    assert len(fit) == 1 and fit[0].endswith("(available RAM): fits")
+
+
+def test_a_real_run_that_fits_nowhere_stops_before_loading(tiny_models):
+    from conftest import ROOT
+    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hi", script=ROOT / "tests" / "oom_wrapper.py",
+                      env=offline_env(SIMULATED_RAM_GB="0.1"))
+    assert result.returncode == 1
+    assert "[oom_wrapper] from_pretrained" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "needs about 0.25 GB on the CPU" in last and "0.10 GB (available RAM)" in last
