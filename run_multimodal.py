@@ -440,12 +440,16 @@ FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs it
 SPEECH_COMPONENTS = ("thinker", "talker", "token2wav")
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
 MIN_PIXELS = 56 * 56
+VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
 # The estimate's margin beyond weights and KV cache, stated rather than hidden:
 ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
 ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
 PREFILL_VALUES_PER_TOKEN = 4             # x intermediate size: the MLP's widest activations at prefill
 VISION_VALUES_PER_PATCH = 64             # x vision hidden size: the image encoder's activations
-TALKER_MAX_NEW_TOKENS = 4096             # speech codes Qwen2.5-Omni's talker may generate
+TALKER_MAX_NEW_TOKENS = 4096             # speech codes Qwen2.5-Omni's talker may generate by default
+TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,9 +460,12 @@ class Request:
     quantize: str = "none"        # none, 4bit, 8bit
     force_cpu: bool = False
     speech: bool = False          # Omni: load the talker and token2wav too
+    speech_codes: int = TALKER_MAX_NEW_TOKENS   # the most speech codes the talker may generate
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     text_tokens: int = 64         # the prompt's tokens, estimated before any tokenizer is loaded
     image_sizes: tuple[tuple[int, int], ...] = ()   # (width, height) of each image
+    audio_seconds: tuple[float, ...] = ()            # length of each recording (and video sound track used)
+    videos: tuple[tuple[int, int, int], ...] = ()    # (frames sampled, width, height) of each video
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
@@ -516,7 +523,12 @@ def loading_components(facts: ModelFacts, speech: bool) -> tuple[str, ...]:
     return tuple(facts.parameters)
 
 
-def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int) -> int:
+def video_max_pixels(max_pixels: int) -> int:
+    """Per-frame limit for video: Qwen's default, or less when --max_pixels asks for less."""
+    return max(VIDEO_MIN_PIXELS, min(max_pixels, VIDEO_MAX_PIXELS))
+
+
+def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
     """Visual tokens for one image after the processor's resize (Qwen2-VL's smart_resize), with its
     start and end markers."""
     factor = vision.patch_size * vision.merge_size
@@ -525,10 +537,22 @@ def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int) 
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
         w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < MIN_PIXELS:
-        beta = math.sqrt(MIN_PIXELS / (height * width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return (h // factor) * (w // factor) + 2
+
+
+def video_tokens(vision: VisionFacts, frames: int, width: int, height: int, max_pixels: int) -> int:
+    """Each pair of frames is one image's worth of tokens, at the per-frame video limits."""
+    per_pair = image_tokens(vision, width, height, video_max_pixels(max_pixels), VIDEO_MIN_PIXELS) - 2
+    return math.ceil(frames / 2) * per_pair + 2
+
+
+def audio_tokens(seconds: float) -> int:
+    """Qwen2.5-Omni's audio encoder: 100 mel frames a second, halved twice; with the start and end markers."""
+    frames = int(min(seconds, AUDIO_WINDOW_SECONDS) * 100)
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1 + 2
 
 
 def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
@@ -545,21 +569,24 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
             sizes[name] = (parameters, int(packed * QUANTIZED_BYTES[quantization] + (parameters - packed) * width))
         else:
             sizes[name] = (parameters, parameters * width)
-    media = sum(image_tokens(facts.vision, w, h, request.max_pixels) for w, h in request.image_sizes) \
-        if facts.vision else 0
+    media = sum(audio_tokens(seconds) for seconds in request.audio_seconds)
+    encoded_patches = 0   # the vision encoder's largest single input, for its activations
+    if facts.vision:
+        images = [image_tokens(facts.vision, w, h, request.max_pixels) for w, h in request.image_sizes]
+        videos = [video_tokens(facts.vision, n, w, h, request.max_pixels) for n, w, h in request.videos]
+        media += sum(images) + sum(videos)
+        encoded_patches = max([t - 2 for t in images + videos], default=0) * facts.vision.merge_size ** 2
     prompt = request.text_tokens + media
     context = prompt + request.max_new_tokens
     kv = context * facts.kv_elements_per_token * width
     if "talker" in components:
-        kv += (context + TALKER_MAX_NEW_TOKENS) * facts.talker_kv_elements_per_token * width
+        kv += (context + request.speech_codes) * facts.talker_kv_elements_per_token * width
         kv += context * (facts.num_layers + 1) * facts.hidden_size * width   # hidden states handed to the talker
     weights = sum(b for _, b in sizes.values())
     activations = (ACTIVATION_FIXED_BYTES + int(weights * ACTIVATION_WEIGHT_FRACTION)
                    + prompt * facts.intermediate_size * PREFILL_VALUES_PER_TOKEN * width)
-    if facts.vision and media:
-        patches = max(image_tokens(facts.vision, w, h, request.max_pixels) - 2
-                      for w, h in request.image_sizes) * facts.vision.merge_size ** 2
-        activations += patches * facts.vision.hidden_size * VISION_VALUES_PER_PATCH * width
+    if encoded_patches:
+        activations += encoded_patches * facts.vision.hidden_size * VISION_VALUES_PER_PATCH * width
     return Estimate(sizes, context, media, kv, activations)
 
 
@@ -791,10 +818,13 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
     model.eval()
     loader = AutoTokenizer if info.kind == "text" else AutoProcessor
     processor = loader.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
+    # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is not None and hasattr(image_processor, "size"):
-        # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
         image_processor.size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None and hasattr(video_processor, "size"):
+        video_processor.size = {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": video_max_pixels(max_pixels)}
     offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if plan.device != "cpu" and offloaded:
         say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
@@ -818,27 +848,171 @@ def _bitsandbytes_config(plan: Plan):
 
 # --- inputs -------------------------------------------------------------------------
 
+AUDIO_SAMPLE_RATE = 16_000     # what Qwen's audio encoders take: 16 kHz mono
+SPEECH_SAMPLE_RATE = 24_000    # Qwen2.5-Omni's voice
+DEFAULT_FPS = 2.0              # Qwen's default: two video frames a second
+MAX_FPS = 30.0
+DEFAULT_SPEAKER = "Chelsie"
+SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                        "perceiving auditory and visual inputs, as well as generating text and speech.")
+
+
+def _readable_file(flag: str, path: str, what: str) -> Path:
+    """The file behind a media flag, or a UsageError that names the flag and the problem."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise UsageError(f"{flag} {path}: file not found; check the path")
+    if file.is_dir():
+        raise UsageError(f"{flag} {path}: this is a folder; give {what}")
+    if not os.access(file, os.R_OK):
+        raise UsageError(f"{flag} {path}: permission denied; make the file readable")
+    if file.stat().st_size == 0:
+        raise UsageError(f"{flag} {path}: the file is empty; give {what}")
+    return file
+
+
 def load_image(path: str):
     """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    file = Path(path)
-    if not file.exists():
-        raise UsageError(f"--image_path {path}: file not found; check the path")
-    if file.is_dir():
-        raise UsageError(f"--image_path {path}: this is a folder; give an image file")
+    file = _readable_file("--image_path", path, "an image file")
     try:
         with Image.open(file) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except PermissionError as exc:
         raise UsageError(f"--image_path {path}: permission denied; make the file readable") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UsageError(f"--image_path {path}: not a readable image (JPEG, PNG, WebP, ...); "
                          "check that the file is a complete picture") from exc
 
 
-def build_messages(prompt: str, system_prompt: str | None, images: list, kind: str) -> list[dict]:
+def load_audio(path: str):
+    """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    file = _readable_file("--audio_path", path, "an audio file")
+    try:
+        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(f"--audio_path {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
+                         "check that the file is a complete recording") from exc
+    if samples.shape[0] == 0:
+        raise UsageError(f"--audio_path {path}: the recording has no samples; give one with sound in it")
+    mono = samples.mean(axis=1)
+    if rate != AUDIO_SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, AUDIO_SAMPLE_RATE)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class Video:
+    frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
+    fps: float                # frames sampled per second of the clip
+    audio: object | None      # its sound track as 16 kHz mono float32, when asked for and present
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+def load_video(path: str, fps: float, with_audio: bool) -> Video:
+    """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
+    import av
+    import numpy as np
+
+    file = _readable_file("--video_path", path, "a video file")
+    frames, audio = [], None
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.video:
+                raise UsageError(f"--video_path {path}: this file has no video track; give a video "
+                                 "(or pass a sound file with --audio_path)")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or 25)
+            next_time = 0.0
+            for index, frame in enumerate(container.decode(stream)):
+                seconds = frame.time if frame.time is not None else index / rate
+                if seconds + 1e-6 >= next_time:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    next_time += 1 / fps
+        if with_audio:
+            with av.open(str(file)) as container:
+                if container.streams.audio:
+                    resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+                    chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                              for out in resampler.resample(frame)]
+                    chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+                    audio = np.concatenate(chunks) if chunks else None
+    except (av.FFmpegError, ValueError) as exc:
+        raise UsageError(f"--video_path {path}: not a readable video (MP4, MOV, WebM, ...); "
+                         "check that the file is complete") from exc
+    if not frames:
+        raise UsageError(f"--video_path {path}: no frame could be decoded; the file looks truncated")
+    if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
+        frames.append(frames[-1])
+    return Video(np.stack(frames), fps, audio)
+
+
+def read_speakers(info: ModelInfo) -> list[str]:
+    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
+    import torch
+
+    path = Path(info.model_id).expanduser() / "spk_dict.pt"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+        try:
+            path = Path(hf_hub_download(info.model_id, "spk_dict.pt"))
+        except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
+            raise RunError(f"--output_audio: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
+                           "use a complete Qwen2.5-Omni checkpoint") from exc
+    # weights_only: a speaker file holds tensors and names, never code to run.
+    return list(torch.load(path, weights_only=True, map_location="cpu"))
+
+
+def check_output_audio(path: str) -> Path:
+    """Where the spoken reply goes: checked before the model loads, so a typo costs nothing."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(f"--output_audio {path}: this is a folder; give a file name such as reply.wav")
+    folder = file.parent
+    if not folder.is_dir():
+        raise UsageError(f"--output_audio {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_audio {path}: cannot write in {folder}; choose a folder you can write to")
+    return file
+
+
+def write_wav(path: Path, samples, rate: int) -> None:
+    """A 16-bit PCM WAV, written to a temporary file in the same folder and renamed into place, so
+    that an interrupted run never leaves a half-written file under the user's name."""
+    import tempfile
+
+    import soundfile
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        soundfile.write(temporary, samples, rate, subtype="PCM_16", format="WAV")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@dataclasses.dataclass
+class Media:
+    """Decoded inputs, in the order they appear in the user's turn: videos, images, audio."""
+    images: list = dataclasses.field(default_factory=list)
+    audios: list = dataclasses.field(default_factory=list)
+    videos: list = dataclasses.field(default_factory=list)
+    use_audio_in_video: bool = False
+    decode_s: float = 0.0
+
+
+def build_messages(prompt: str, system_prompt: str | None, media: Media, kind: str) -> list[dict]:
     """A chat in transformers' format; media go in the user turn before the text."""
     messages = []
     if kind == "text":
@@ -848,17 +1022,45 @@ def build_messages(prompt: str, system_prompt: str | None, images: list, kind: s
         return messages
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    content = [{"type": "image", "image": image} for image in images]
+    content = [{"type": "video", "video": video.frames} for video in media.videos]
+    content += [{"type": "image", "image": image} for image in media.images]
+    content += [{"type": "audio", "audio": audio} for audio in media.audios]
     content.append({"type": "text", "text": prompt})
     messages.append({"role": "user", "content": content})
     return messages
 
 
-def prepare_inputs(processor, messages: list[dict], device):
+def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None):
     """Chat template and media through the processor; tensors on the model's device."""
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
-    return inputs.to(device)
+    if media is None or not (media.audios or media.videos):
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        return inputs.to(device)
+    # Audio and video were decoded here (soundfile + soxr, PyAV), so the processor gets arrays.
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs: dict = {"text": [text], "return_tensors": "pt"}
+    if media.images:
+        kwargs["images"] = media.images
+    audio, slots = list(media.audios), [None] * len(media.audios)
+    if media.videos:
+        kwargs["videos"] = [video.frames for video in media.videos]
+        kwargs["videos_kwargs"] = {"fps": media.videos[0].fps}
+        tracks = [(index, video.audio) for index, video in enumerate(media.videos) if video.audio is not None]
+        if media.use_audio_in_video and tracks:
+            # Each video's sound goes with its pictures, interleaved in time (Qwen's recommendation);
+            # the sound tracks come first in the list, as the videos come first in the turn.
+            audio = [track for _, track in tracks] + audio
+            slots = [index for index, _ in tracks] + slots
+            if hasattr(processor, "_resolve_audio_from_video"):   # transformers >= 5.2x: slots say whose sound
+                kwargs.update(load_audio_from_video=True, audio_from_video_indices=slots)
+            elif len(tracks) == len(media.videos):                # 5.17: every video takes the next recording
+                kwargs["videos_kwargs"]["use_audio_in_video"] = True
+            else:
+                raise UsageError("--use_audio_in_video: with this transformers version every --video_path needs "
+                                 "a sound track; drop the silent one or upgrade: pip install -U transformers")
+    if audio:
+        kwargs["audio"] = audio
+    return processor(**kwargs).to(device)
 
 
 # --- generation -------------------------------------------------------------------
@@ -873,6 +1075,14 @@ class Stats:
     decode_tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
     peak_memory_kind: str = ""
+    media_decode_s: float = 0.0
+    speech_s: float | None = None        # talker + token2wav, after the last text token
+    audio_seconds: float | None = None   # length of the spoken reply
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Seconds spent making speech per second of speech: below 1 is faster than real time."""
+        return self.speech_s / self.audio_seconds if self.speech_s is not None and self.audio_seconds else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -928,19 +1138,37 @@ def _make_streamer(tokenizer, stream: bool):
     return PrintingStreamer()
 
 
-def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: Stats) -> str:
-    """Generate, printing the answer to stdout as it comes (or once at the end)."""
+@dataclasses.dataclass(frozen=True)
+class Speech:
+    speaker: str
+    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
+    min_codes: int = 0                       # benchmarks force a length; a user never needs to
+
+
+def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: Stats,
+             speech: Speech | None = None, use_audio_in_video: bool = False) -> tuple[str, object | None]:
+    """Generate, printing the answer to stdout as it comes (or once at the end); with `speech`, the
+    full Omni model also speaks it: (text, 24 kHz samples or None)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     streamer = _make_streamer(tokenizer, stream)
     stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
     start = time.perf_counter()
+    wav = None
     try:
-        model.generate(**inputs, **sampling.generate_kwargs(), streamer=streamer)
+        # Omni's positions interleave a video's sound with its pictures only when told so.
+        extra = {"use_audio_in_video": True} if use_audio_in_video else {}
+        if speech is None:
+            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer)
+        else:
+            _, wav = model.generate(**speech_kwargs(inputs, sampling), **extra, speaker=speech.speaker,
+                                    talker_max_new_tokens=speech.max_codes, talker_min_new_tokens=speech.min_codes,
+                                    thinker_streamer=streamer)
     except BaseException:   # out of memory, Ctrl-C: end the partial answer's line, then let it rise
         if stream and "".join(streamer.pieces):
             sys.stdout.write("\n")
             sys.stdout.flush()
         raise
+    end = time.perf_counter()
     text = "".join(streamer.pieces)
     sys.stdout.write("\n" if stream else text + "\n")
     sys.stdout.flush()
@@ -950,7 +1178,24 @@ def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: 
         stats.ttft_s = times[0] - start
         if len(times) > 1:
             stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0])
-    return text
+    if wav is not None:
+        wav = wav.reshape(-1).float().cpu().numpy()
+        stats.speech_s = end - (times[-1] if times else start)
+        stats.audio_seconds = len(wav) / SPEECH_SAMPLE_RATE
+    return text, wav
+
+
+def speech_kwargs(inputs, sampling: Sampling) -> dict:
+    """Arguments for Qwen2.5-Omni's full generate(): sampling settings go to the thinker only, and so
+    do the pictures: un-prefixed pixel values would reach the talker too, which rejects them
+    (transformers 5.17-5.24; FIELD_NOTES.md). Grid sizes stay shared: the talker needs them for
+    positions."""
+    kwargs = dict(inputs)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in kwargs:
+            kwargs[f"thinker_{key}"] = kwargs.pop(key)
+    thinker = {f"thinker_{key}": value for key, value in sampling.generate_kwargs().items()}
+    return {**kwargs, **thinker}
 
 
 def peak_memory(device: str) -> tuple[int | None, str]:
@@ -977,6 +1222,11 @@ def describe_stats(stats: Stats) -> str:
         parts.append(f"first token {stats.ttft_s:.2f} s")
     speed = f" at {stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_tokens_per_s else ""
     parts.append(f"{stats.new_tokens} new tokens{speed}")
+    if stats.audio_seconds is not None:
+        parts.append(f"speech {stats.audio_seconds:.1f} s of audio in {stats.speech_s:.1f} s "
+                     f"(real-time factor {stats.real_time_factor:.2f})")
+    if stats.media_decode_s:
+        parts.append(f"media decoded in {stats.media_decode_s:.2f} s")
     if stats.peak_memory_bytes is not None:
         parts.append(f"peak memory {stats.peak_memory_bytes / GB:.2f} GB ({stats.peak_memory_kind})")
     return f"📈 {stats.device}: " + " · ".join(parts)
@@ -1014,6 +1264,9 @@ class Job:
     thinker_only: bool
     trust_remote_code: bool
     max_pixels: int = DEFAULT_MAX_PIXELS
+    media: Media | None = None
+    speech: Speech | None = None
+    output_audio: Path | None = None
 
 
 def run_plan(job: Job, plan: Plan, hw: Hardware) -> Stats:
@@ -1028,10 +1281,19 @@ def run_plan(job: Job, plan: Plan, hw: Hardware) -> Stats:
     stats.load_s = time.perf_counter() - start
     say(describe_sampling(model.generation_config, job.sampling))
     try:
-        inputs = prepare_inputs(processor, job.messages, model.device)
+        inputs = prepare_inputs(processor, job.messages, model.device, job.media)
+        use_audio_in_video = bool(job.media and job.media.use_audio_in_video and "feature_attention_mask" in inputs
+                                  and "video_grid_thw" in inputs)
         with torch.inference_mode():
-            generate(model, processor, inputs, job.sampling, job.stream, stats)
+            _, wav = generate(model, processor, inputs, job.sampling, job.stream, stats, job.speech,
+                              use_audio_in_video)
         stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(plan.device)
+        if job.output_audio is not None:
+            if wav is None or not len(wav):
+                raise RunError("the model answered in text but produced no speech, so no WAV was written; "
+                               "keep the default system prompt, which Qwen2.5-Omni needs to speak")
+            write_wav(job.output_audio, wav, SPEECH_SAMPLE_RATE)
+            say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {job.output_audio}")
     finally:
         del model
     return stats
@@ -1122,7 +1384,7 @@ def self_test(hw: Hardware, request: Request, debug: bool) -> int:
         plan = choose_plan(hw, facts, request)
         for line in plan.reasons:
             say(line)
-        job = Job(info, build_messages("Say hello.", None, [], "text"), Sampling(max_new_tokens=8, temperature=0),
+        job = Job(info, build_messages("Say hello.", None, Media(), "text"), Sampling(max_new_tokens=8, temperature=0),
                   stream=False, thinker_only=False, trust_remote_code=False)
         stats = run_with_fallback(job, plan, hw)
     say(describe_stats(stats))
@@ -1184,6 +1446,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prompt", help="the question or instruction; '-' reads it from stdin")
     model.add_argument("--image_path", action="append", default=[], metavar="PATH",
                        help="an image to show the model; give the flag again for more images")
+    model.add_argument("--audio_path", action="append", default=[], metavar="PATH",
+                       help="a recording for the model to hear (WAV, FLAC, OGG, MP3; any rate, any channels); "
+                            "repeat for more (Omni models)")
+    model.add_argument("--video_path", action="append", default=[], metavar="PATH",
+                       help="a video for the model to watch (MP4, MOV, WebM); repeat for more")
+    model.add_argument("--fps", type=_float_in(0, MAX_FPS, low_open=True), default=DEFAULT_FPS,
+                       help=f"video frames sampled per second (default: {DEFAULT_FPS:g})")
+    model.add_argument("--use_audio_in_video", action="store_true",
+                       help="also let an Omni model hear the videos' sound tracks, as Qwen recommends")
     model.add_argument("--system_prompt", help="replace the model's default system prompt")
     model.add_argument("--max_pixels", type=_int_at_least(MIN_PIXELS), default=DEFAULT_MAX_PIXELS,
                        help="larger images are scaled down to this many pixels; each 28x28 pixels is one token "
@@ -1198,6 +1469,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=_int_at_least(0), help="sample among the k likeliest tokens; 0 turns it off")
     gen.add_argument("--seed", type=_int_at_least(0), help="random seed, for repeatable sampling")
     gen.add_argument("--no_stream", action="store_true", help="print the answer once at the end")
+    gen.add_argument("--output_audio", metavar="PATH",
+                     help="also speak the answer into this WAV file (24 kHz mono; Qwen2.5-Omni only)")
+    gen.add_argument("--max_speech_seconds", type=_float_in(0, 600, low_open=True), metavar="SECONDS",
+                     help=f"the longest spoken reply (default: the model's {TALKER_MAX_NEW_TOKENS} speech codes, "
+                          f"{TALKER_MAX_NEW_TOKENS / TALKER_CODES_PER_SECOND:.0f} s)")
+    gen.add_argument("--speaker", help=f"the voice of the spoken reply (default: {DEFAULT_SPEAKER}; "
+                                       "Qwen2.5-Omni ships Chelsie and Ethan)")
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
                     help="where to run (default: auto, by the size policy)")
@@ -1243,17 +1521,94 @@ def estimate_text_tokens(prompt: str | None, system_prompt: str | None) -> int:
     return math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS
 
 
-def request_from_args(args: argparse.Namespace, prompt: str | None = None,
-                      image_sizes: tuple[tuple[int, int], ...] = ()) -> Request:
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, caught before anything else happens."""
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
     if args.json and not args.dry_run:
         raise UsageError("--json works with --dry_run for now (it prints the plan as JSON)")
+    if args.use_audio_in_video and not args.video_path:
+        raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
+    for flag in ("speaker", "max_speech_seconds"):
+        if getattr(args, flag) and not args.output_audio:
+            raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav")
+
+
+def request_from_args(args: argparse.Namespace, prompt: str | None = None, media: Media | None = None) -> Request:
+    """The flags that bear on the plan; media sizes from the decoded files."""
+    media = media or Media()
+    audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
+    if media.use_audio_in_video:
+        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos if v.audio is not None]
+    system = args.system_prompt or (SPEECH_SYSTEM_PROMPT if args.output_audio else None)
     return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu,
-                   max_new_tokens=args.max_new_tokens, text_tokens=estimate_text_tokens(prompt, args.system_prompt),
-                   image_sizes=image_sizes, max_pixels=args.max_pixels)
+                   speech=bool(args.output_audio), speech_codes=speech_codes(args.max_speech_seconds),
+                   max_new_tokens=args.max_new_tokens,
+                   text_tokens=estimate_text_tokens(prompt, system),
+                   image_sizes=tuple(image.size for image in media.images), audio_seconds=tuple(audio),
+                   videos=tuple((len(v.frames), *v.size) for v in media.videos), max_pixels=args.max_pixels)
+
+
+def load_media(args: argparse.Namespace) -> Media:
+    """Every media file decoded (and so checked) before any model is loaded."""
+    start = time.perf_counter()
+    media = Media(images=[load_image(path) for path in args.image_path],
+                  videos=[load_video(path, args.fps, args.use_audio_in_video) for path in args.video_path],
+                  use_audio_in_video=args.use_audio_in_video)
+    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
+    for path in args.audio_path:
+        samples = load_audio(path)
+        pieces = [samples[start:start + window] for start in range(0, len(samples), window)]
+        if len(pieces) > 1:   # the processor would silently keep only the first 30 s
+            say(f"🎧 --audio_path {path} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as "
+                f"{len(pieces)} pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")
+        media.audios += pieces
+    for path, video in zip(args.video_path, media.videos):
+        if args.use_audio_in_video and video.audio is None:
+            say(f"⚠️ --video_path {path} has no sound track: using its pictures only")
+        elif args.use_audio_in_video and len(video.audio) > window:
+            say(f"⚠️ --video_path {path}: only the first {AUDIO_WINDOW_SECONDS} s of its sound track is heard")
+    media.decode_s = time.perf_counter() - start
+    return media
+
+
+def check_modalities(args: argparse.Namespace, info: ModelInfo) -> None:
+    """A model that cannot take an input (or cannot speak) is told before anything loads."""
+    omni_hint = f"use an Omni model such as {DEFAULT_MODEL_ID}"
+    what = "a text-only model" if info.kind == "text" else "a vision-language model"
+    if args.image_path and "image" not in info.inputs:
+        raise UsageError(f"--image_path: {args.model_id} is {what} and cannot see images; "
+                         f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
+    if args.video_path and "video" not in info.inputs:
+        raise UsageError(f"--video_path: {args.model_id} is {what} and cannot watch video; drop --video_path or "
+                         f"{omni_hint}")
+    if (args.audio_path or args.use_audio_in_video) and "audio" not in info.inputs:
+        flag = "--audio_path" if args.audio_path else "--use_audio_in_video"
+        raise UsageError(f"{flag}: {args.model_id} is {what} and cannot hear audio; drop {flag} or {omni_hint}")
+    if args.output_audio and info.kind != "omni":
+        raise UsageError(f"--output_audio: {args.model_id} is {what} and cannot speak; drop --output_audio or "
+                         f"{omni_hint}")
+
+
+def choose_speaker(args: argparse.Namespace, info: ModelInfo) -> Speech | None:
+    """The voice of a spoken reply, checked against the checkpoint's own before loading."""
+    if not args.output_audio:
+        return None
+    voices = read_speakers(info)
+    speaker = args.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
+    if speaker not in voices:
+        raise UsageError(f"--speaker {args.speaker}: not a voice of {args.model_id}; choose one of "
+                         + ", ".join(voices))
+    if args.system_prompt:
+        say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
+            "come without speech")
+    return Speech(speaker, max_codes=speech_codes(args.max_speech_seconds))
+
+
+def speech_codes(max_seconds: float | None) -> int:
+    return math.ceil(max_seconds * TALKER_CODES_PER_SECOND) if max_seconds else TALKER_MAX_NEW_TOKENS
 
 
 def describe_model(info: ModelInfo, facts: ModelFacts, components: tuple[str, ...]) -> str:
@@ -1286,6 +1641,7 @@ def describe_plan(plan: Plan) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The whole job, in the order the data flows."""
+    check_flags(args)
     if args.self_test:
         request = request_from_args(args)
         hw = detect_hardware()
@@ -1296,12 +1652,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything the user typed is checked before anything heavy happens.
     prompt = read_prompt(args)
-    images = [load_image(path) for path in args.image_path]
-    request = request_from_args(args, prompt, tuple(image.size for image in images))
+    output_audio = check_output_audio(args.output_audio) if args.output_audio else None
+    media = load_media(args)
     info = resolve_model(args.model_id)
-    if images and "image" not in info.inputs:
-        raise UsageError(f"--image_path: {args.model_id} is a text-only model and cannot see images; "
-                         f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
+    check_modalities(args, info)
+    speech = choose_speaker(args, info) if output_audio and not args.dry_run else None
+    request = request_from_args(args, prompt, media)
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
     _quiet_libraries(args.debug)
@@ -1331,11 +1687,14 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         from transformers import set_seed
         set_seed(args.seed)
-    job = Job(info, build_messages(prompt, args.system_prompt, images, info.kind),
+    system_prompt = args.system_prompt or (SPEECH_SYSTEM_PROMPT if speech else None)
+    job = Job(info, build_messages(prompt, system_prompt, media, info.kind),
               Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
               stream=not args.no_stream, thinker_only=info.kind == "omni" and "talker" not in components,
-              trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels)
+              trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, media=media, speech=speech,
+              output_audio=output_audio)
     stats = run_with_fallback(job, plan, hw)
+    stats.media_decode_s = media.decode_s
     say(describe_stats(stats))
     return EXIT_OK
 

@@ -150,7 +150,7 @@ def test_omni_loads_only_the_thinker_and_sees_the_image(tiny_models):
                       "--image_path", SAMPLE_IMAGE, *GREEDY)
     assert_answered(result, expected, prompt_tokens)
     assert "loading the thinker only (243.9 K)" in result.stderr
-    assert "1.5 M parameters" in result.stderr   # thinker + talker + token2wav, counted but not loaded
+    assert "1.6 M parameters" in result.stderr   # thinker + talker + token2wav, counted but not loaded
 
 
 def test_omni_text_only(tiny_models):

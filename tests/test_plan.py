@@ -93,7 +93,8 @@ def test_visual_tokens_match_the_real_processor(tiny_models):
                                 model.config.vision_config.hidden_size)
         for image in (rm.load_image(str(SAMPLE_IMAGE)), rm.load_image(str(SECOND_IMAGE)),
                       Image.new("RGB", (4000, 3000)), Image.new("RGB", (20, 20))):
-            inputs = rm.prepare_inputs(processor, rm.build_messages("Hi", None, [image], "multimodal"), "cpu")
+            inputs = rm.prepare_inputs(processor, rm.build_messages("Hi", None, rm.Media(images=[image]), "multimodal"),
+                                       "cpu")
             seen = int((inputs["input_ids"] == model.config.image_token_id).sum())
             assert rm.image_tokens(vision, *image.size, max_pixels) == seen + 2, (image.size, max_pixels)
 

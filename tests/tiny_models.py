@@ -195,7 +195,10 @@ TINY_OMNI = dict(
     token2wav_config=dict(
         # transformers 5 reads hidden_size/num_hidden_layers/num_attention_heads; the
         # published config spells them dim/depth/heads, so set both.
-        dit_config=dict(dim=32, depth=2, heads=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        # num_embeds: a random talker emits any of its 8448 codes, the real one only the first 8193;
+        # a codebook as large as the talker's vocabulary keeps token2wav from indexing past its end.
+        dit_config=dict(num_embeds=8448,
+                        dim=32, depth=2, heads=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         look_ahead_layers=[1], look_backward_layers=[0], head_dim=16, ff_mult=2, emb_dim=16,
                         enc_channels=[16, 16, 16, 16, 48], enc_dim=16, enc_emb_dim=16, enc_lin_neurons=16,
                         enc_attention_channels=8, enc_se_channels=8),
@@ -227,6 +230,8 @@ def build_qwen2_5_omni(out: Path, full_size: bool = False, device: str = "cpu") 
             tts_text_end_token_id="<|quad_end|>")))
         overrides = _merge(TINY_OMNI, overrides)
         overrides["thinker_config"]["text_config"]["vocab_size"] = len(tok)
+    else:
+        overrides["token2wav_config"] = {"dit_config": {"num_embeds": 8448}}   # as above: random talker codes
     config = Qwen2_5OmniConfig.from_dict(_merge(_real_config("Qwen--Qwen2.5-Omni-3B"), overrides))
     _random_model(Qwen2_5OmniForConditionalGeneration, config, full_size, device).save_pretrained(out)
     voice_size = config.token2wav_config.dit_config.enc_emb_dim
