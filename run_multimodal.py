@@ -59,6 +59,12 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _write_stdout(text: str) -> None:
+    """The answer, as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 # --- hardware detection ---------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +224,11 @@ class ModelInfo:
     model_type: str
     kind: str                 # "omni" (thinker + talker), "multimodal" or "text"
     inputs: frozenset[str]    # among "text", "image", "audio", "video"
+    path: str = ""            # the folder the files come from (a Hub snapshot for a Hub id)
+    revision: str = ""        # the Hub commit of that snapshot; empty for a local folder
 
 
-def model_info_from_config(model_id: str, config: dict) -> ModelInfo:
+def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "") -> ModelInfo:
     """Classify a checkpoint from its config.json: what it takes in and how it loads."""
     model_type = str(config.get("model_type", ""))
     inner = config.get("thinker_config", config)
@@ -235,7 +243,7 @@ def model_info_from_config(model_id: str, config: dict) -> ModelInfo:
         kind = "multimodal"
     else:
         kind = "text"
-    return ModelInfo(model_id, model_type, kind, frozenset(inputs))
+    return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision)
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -272,7 +280,9 @@ def resolve_model(model_id: str) -> ModelInfo:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
                          "the model folder looks damaged") from exc
-    return model_info_from_config(model_id, config)
+    folder = config_path.parent.resolve()
+    revision = folder.name if folder.parent.name == "snapshots" and not path.is_dir() else ""
+    return model_info_from_config(model_id, config, str(folder), revision)
 
 
 def _hub_config(repo_id: str) -> Path:
@@ -396,12 +406,13 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
     text = inner.get_text_config()
     vision = getattr(inner, "vision_config", None)
     talker = getattr(config, "talker_config", None)
+    talker = getattr(talker, "text_config", None) or talker   # Qwen3-Omni nests the talker's language model
     return ModelFacts(
         model_id=info.model_id, kind=info.kind, parameters=parameters, quantizable=quantizable,
         kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         context_window=getattr(text, "max_position_embeddings", 0) or 0,
-        talker_kv_elements_per_token=_kv_elements(talker) if talker is not None else 0,
+        talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
         vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
         if vision is not None else None)
 
@@ -518,8 +529,8 @@ def size_tier(parameters: int) -> str:
 
 def loading_components(facts: ModelFacts, speech: bool) -> tuple[str, ...]:
     """Omni loads its thinker alone unless speech is asked for; other models load whole."""
-    if facts.kind == "omni":
-        return SPEECH_COMPONENTS if speech else ("thinker",)
+    if facts.kind == "omni" and not speech:
+        return ("thinker",)
     return tuple(facts.parameters)
 
 
@@ -853,6 +864,7 @@ SPEECH_SAMPLE_RATE = 24_000    # Qwen2.5-Omni's voice
 DEFAULT_FPS = 2.0              # Qwen's default: two video frames a second
 MAX_FPS = 30.0
 DEFAULT_SPEAKER = "Chelsie"
+SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works differently: not wired up yet
 SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                         "perceiving auditory and visual inputs, as well as generating text and speech.")
 
@@ -871,36 +883,36 @@ def _readable_file(flag: str, path: str, what: str) -> Path:
     return file
 
 
-def load_image(path: str):
+def load_image(path: str, flag: str = "--image_path"):
     """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    file = _readable_file("--image_path", path, "an image file")
+    file = _readable_file(flag, path, "an image file")
     try:
         with Image.open(file) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except PermissionError as exc:
-        raise UsageError(f"--image_path {path}: permission denied; make the file readable") from exc
+        raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"--image_path {path}: not a readable image (JPEG, PNG, WebP, ...); "
+        raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
                          "check that the file is a complete picture") from exc
 
 
-def load_audio(path: str):
+def load_audio(path: str, flag: str = "--audio_path"):
     """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
     import numpy as np
     import soundfile
     import soxr
 
-    file = _readable_file("--audio_path", path, "an audio file")
+    file = _readable_file(flag, path, "an audio file")
     try:
         samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise UsageError(f"--audio_path {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
+        raise UsageError(f"{flag} {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
                          "check that the file is a complete recording") from exc
     if samples.shape[0] == 0:
-        raise UsageError(f"--audio_path {path}: the recording has no samples; give one with sound in it")
+        raise UsageError(f"{flag} {path}: the recording has no samples; give one with sound in it")
     mono = samples.mean(axis=1)
     if rate != AUDIO_SAMPLE_RATE:
         mono = soxr.resample(mono, rate, AUDIO_SAMPLE_RATE)
@@ -918,17 +930,17 @@ class Video:
         return int(self.frames.shape[2]), int(self.frames.shape[1])
 
 
-def load_video(path: str, fps: float, with_audio: bool) -> Video:
+def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path") -> Video:
     """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
     import av
     import numpy as np
 
-    file = _readable_file("--video_path", path, "a video file")
+    file = _readable_file(flag, path, "a video file")
     frames, audio = [], None
     try:
         with av.open(str(file)) as container:
             if not container.streams.video:
-                raise UsageError(f"--video_path {path}: this file has no video track; give a video "
+                raise UsageError(f"{flag} {path}: this file has no video track; give a video "
                                  "(or pass a sound file with --audio_path)")
             stream = container.streams.video[0]
             rate = float(stream.average_rate or 25)
@@ -947,10 +959,10 @@ def load_video(path: str, fps: float, with_audio: bool) -> Video:
                     chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
                     audio = np.concatenate(chunks) if chunks else None
     except (av.FFmpegError, ValueError) as exc:
-        raise UsageError(f"--video_path {path}: not a readable video (MP4, MOV, WebM, ...); "
+        raise UsageError(f"{flag} {path}: not a readable video (MP4, MOV, WebM, ...); "
                          "check that the file is complete") from exc
     if not frames:
-        raise UsageError(f"--video_path {path}: no frame could be decoded; the file looks truncated")
+        raise UsageError(f"{flag} {path}: no frame could be decoded; the file looks truncated")
     if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
         frames.append(frames[-1])
     return Video(np.stack(frames), fps, audio)
@@ -1076,7 +1088,10 @@ class Stats:
     peak_memory_bytes: int | None = None
     peak_memory_kind: str = ""
     media_decode_s: float = 0.0
+    decode_s: float | None = None        # first to last new token
     speech_s: float | None = None        # talker + token2wav, after the last text token
+    device_map: dict | None = None       # where the weights went
+    dtype: str = ""
     audio_seconds: float | None = None   # length of the spoken reply
 
     @property
@@ -1102,16 +1117,27 @@ class Sampling:
         return {**kwargs, "do_sample": True, **chosen} if chosen else kwargs
 
 
-def describe_sampling(generation_config, sampling: Sampling) -> str:
+def effective_sampling(generation_config, sampling: Sampling) -> dict:
+    """What decoding will really do: the flags over the model's own generation_config."""
     kwargs = sampling.generate_kwargs()
-    if not kwargs.get("do_sample", generation_config.do_sample):
+    settings = {"max_new_tokens": sampling.max_new_tokens,
+                "do_sample": bool(kwargs.get("do_sample", generation_config.do_sample))}
+    if settings["do_sample"]:
+        settings.update({k: kwargs.get(k, getattr(generation_config, k, None)) for k in ("temperature", "top_p", "top_k")})
+    return settings
+
+
+def describe_sampling(generation_config, sampling: Sampling) -> str:
+    settings = effective_sampling(generation_config, sampling)
+    if not settings["do_sample"]:
         return "🎯 Greedy decoding" + (" (--temperature 0)" if sampling.temperature == 0 else "")
-    values = {k: kwargs.get(k, getattr(generation_config, k, None)) for k in ("temperature", "top_p", "top_k")}
+    values = {k: settings[k] for k in ("temperature", "top_p", "top_k")}
     return "🎲 Sampling: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
 
 
 def _make_streamer(tokenizer, stream: bool):
-    """A TextStreamer that prints to stdout as text is finalised and notes when each token arrives.
+    """A TextStreamer that prints to stdout as text is finalised (when `stream`) and notes when each
+    token arrives.
 
     It runs inside generate()'s own loop, in the main thread. The usual TextIteratorStreamer
     needs generate() in a second thread, and the two threads' hand-offs of the GIL made CUDA
@@ -1132,8 +1158,7 @@ def _make_streamer(tokenizer, stream: bool):
         def on_finalized_text(self, text: str, stream_end: bool = False):
             self.pieces.append(text)
             if stream and text:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                _write_stdout(text)
 
     return PrintingStreamer()
 
@@ -1145,11 +1170,16 @@ class Speech:
     min_codes: int = 0                       # benchmarks force a length; a user never needs to
 
 
-def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: Stats,
+SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
+
+
+def generate(model, processor, inputs, sampling: Sampling, show: str, stats: Stats,
              speech: Speech | None = None, use_audio_in_video: bool = False) -> tuple[str, object | None]:
-    """Generate, printing the answer to stdout as it comes (or once at the end); with `speech`, the
-    full Omni model also speaks it: (text, 24 kHz samples or None)."""
+    """Generate, printing the answer to stdout as it comes, once at the end, or not at all (--json);
+    with `speech`, the full Omni model also speaks it: (text, 24 kHz samples or None).
+    Interrupted, the exception carries the text so far as `partial_text`."""
     tokenizer = getattr(processor, "tokenizer", processor)
+    stream = show == SHOW_STREAM
     streamer = _make_streamer(tokenizer, stream)
     stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
     start = time.perf_counter()
@@ -1163,21 +1193,22 @@ def generate(model, processor, inputs, sampling: Sampling, stream: bool, stats: 
             _, wav = model.generate(**speech_kwargs(inputs, sampling), **extra, speaker=speech.speaker,
                                     talker_max_new_tokens=speech.max_codes, talker_min_new_tokens=speech.min_codes,
                                     thinker_streamer=streamer)
-    except BaseException:   # out of memory, Ctrl-C: end the partial answer's line, then let it rise
-        if stream and "".join(streamer.pieces):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+    except BaseException as exc:   # out of memory, Ctrl-C: end the partial answer's line, then let it rise
+        exc.partial_text = "".join(streamer.pieces)
+        if stream and exc.partial_text:
+            _write_stdout("\n")
         raise
     end = time.perf_counter()
     text = "".join(streamer.pieces)
-    sys.stdout.write("\n" if stream else text + "\n")
-    sys.stdout.flush()
+    if show != SHOW_NONE:
+        _write_stdout("\n" if stream else text + "\n")
     times = streamer.token_times
     stats.new_tokens = len(times)
     if times:
         stats.ttft_s = times[0] - start
+        stats.decode_s = times[-1] - times[0]
         if len(times) > 1:
-            stats.decode_tokens_per_s = (len(times) - 1) / (times[-1] - times[0])
+            stats.decode_tokens_per_s = (len(times) - 1) / stats.decode_s
     if wav is not None:
         wav = wav.reshape(-1).float().cpu().numpy()
         stats.speech_s = end - (times[-1] if times else start)
@@ -1257,10 +1288,11 @@ def free_memory() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
+    """Everything about the run but the plan: what to load and what to ask it."""
     info: ModelInfo
     messages: list
     sampling: Sampling
-    stream: bool
+    show: str                     # SHOW_STREAM, SHOW_ONCE or SHOW_NONE
     thinker_only: bool
     trust_remote_code: bool
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -1269,40 +1301,76 @@ class Job:
     output_audio: Path | None = None
 
 
-def run_plan(job: Job, plan: Plan, hw: Hardware) -> Stats:
-    """Load, prepare the inputs, generate; stats on the way."""
+@dataclasses.dataclass
+class Loaded:
+    """A model on its device, ready to answer one turn after another."""
+    model: object
+    processor: object
+    plan: Plan
+    load_s: float
+    device_map: dict
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One answer and how it was made."""
+    text: str
+    stats: Stats
+    sampling: dict                 # what decoding really did (the flags over the model's defaults)
+    audio_path: Path | None = None
+
+
+def load(job: Job, plan: Plan, hw: Hardware) -> Loaded:
     import torch
 
-    stats = Stats(device=plan.device)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model, processor = load_model(job.info, plan, hw, job.thinker_only, job.trust_remote_code, job.max_pixels)
-    stats.load_s = time.perf_counter() - start
+    device_map = {name: str(where) for name, where in (getattr(model, "hf_device_map", None) or
+                                                       {"": str(model.device)}).items()}
+    loaded = Loaded(model, processor, plan, time.perf_counter() - start, device_map)
     say(describe_sampling(model.generation_config, job.sampling))
+    return loaded
+
+
+def answer(loaded: Loaded, job: Job, messages: list, media: Media | None, show: str) -> Outcome:
+    """One turn: inputs through the processor, generation, the spoken reply if asked for."""
+    import torch
+
+    stats = Stats(device=loaded.plan.device, load_s=loaded.load_s, device_map=loaded.device_map,
+                  dtype=loaded.plan.dtype, media_decode_s=media.decode_s if media else 0.0)
+    sampling = effective_sampling(loaded.model.generation_config, job.sampling)
+    inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
+    use_audio_in_video = bool(media and media.use_audio_in_video and "feature_attention_mask" in inputs
+                              and "video_grid_thw" in inputs)
+    with torch.inference_mode():
+        text, wav = generate(loaded.model, loaded.processor, inputs, job.sampling, show, stats, job.speech,
+                             use_audio_in_video)
+    stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(loaded.plan.device)
+    if job.output_audio is None:
+        return Outcome(text, stats, sampling)
+    if wav is None or not len(wav):
+        raise RunError("the model answered in text but produced no speech, so no WAV was written; "
+                       "keep the default system prompt, which Qwen2.5-Omni needs to speak")
+    write_wav(job.output_audio, wav, SPEECH_SAMPLE_RATE)
+    say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {job.output_audio}")
+    return Outcome(text, stats, sampling, job.output_audio)
+
+
+def run_plan(job: Job, plan: Plan, hw: Hardware) -> Outcome:
+    """Load, prepare the inputs, generate."""
+    loaded = load(job, plan, hw)
     try:
-        inputs = prepare_inputs(processor, job.messages, model.device, job.media)
-        use_audio_in_video = bool(job.media and job.media.use_audio_in_video and "feature_attention_mask" in inputs
-                                  and "video_grid_thw" in inputs)
-        with torch.inference_mode():
-            _, wav = generate(model, processor, inputs, job.sampling, job.stream, stats, job.speech,
-                              use_audio_in_video)
-        stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(plan.device)
-        if job.output_audio is not None:
-            if wav is None or not len(wav):
-                raise RunError("the model answered in text but produced no speech, so no WAV was written; "
-                               "keep the default system prompt, which Qwen2.5-Omni needs to speak")
-            write_wav(job.output_audio, wav, SPEECH_SAMPLE_RATE)
-            say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {job.output_audio}")
+        return answer(loaded, job, job.messages, job.media, job.show)
     finally:
-        del model
-    return stats
+        del loaded
 
 
-def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Stats:
-    """Run the plan; if memory runs out on an accelerator, free it and retry once on the CPU."""
+def with_cpu_fallback(step, plan: Plan, hw: Hardware):
+    """step(plan); if memory runs out on an accelerator, free it and do step once more on the CPU."""
     try:
-        return run_plan(job, plan, hw)
+        return step(plan)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -1315,12 +1383,17 @@ def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Stats:
     for line in fallback.reasons:
         say(line)
     try:
-        return run_plan(job, fallback, hw)
+        return step(fallback)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise RunError(f"out of memory on {failed} and on the CPU; try a smaller model such as "
                            f"{SMALLER_MODEL_HINT} or fewer --max_new_tokens") from exc
         raise
+
+
+def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Outcome:
+    """Run the plan; if memory runs out on an accelerator, free it and retry once on the CPU."""
+    return with_cpu_fallback(lambda p: run_plan(job, p, hw), plan, hw)
 
 
 # --- offline self-test --------------------------------------------------------------
@@ -1385,12 +1458,206 @@ def self_test(hw: Hardware, request: Request, debug: bool) -> int:
         for line in plan.reasons:
             say(line)
         job = Job(info, build_messages("Say hello.", None, Media(), "text"), Sampling(max_new_tokens=8, temperature=0),
-                  stream=False, thinker_only=False, trust_remote_code=False)
-        stats = run_with_fallback(job, plan, hw)
+                  show=SHOW_ONCE, thinker_only=False, trust_remote_code=False)
+        stats = run_with_fallback(job, plan, hw).stats
     say(describe_stats(stats))
     if stats.new_tokens < 1:
         raise RunError("self-test: the tiny model generated no tokens")
     say(f"✅ Self-test passed: torch, transformers and accelerate work, and generation runs on {stats.device}")
+    return EXIT_OK
+
+
+# --- results for scripts, and the conversation ------------------------------------------
+
+def describe_stages(stats: Stats) -> str:
+    """--verbose: where the time went, stage by stage."""
+    parts = [f"load {stats.load_s:.2f} s", f"media decode {stats.media_decode_s:.2f} s"]
+    if stats.ttft_s is not None:
+        parts.append(f"encoding and prefill {stats.ttft_s:.2f} s")
+    if stats.decode_s is not None:
+        parts.append(f"decode {stats.decode_s:.2f} s ({max(stats.new_tokens - 1, 0)} tokens)")
+    if stats.speech_s is not None:
+        parts.append(f"speech {stats.speech_s:.2f} s")
+    return "⏱️ " + " · ".join(parts)
+
+
+def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: int | None) -> dict:
+    """--json: the answer, the plan, the figures and what it takes to reproduce the run."""
+    import accelerate
+    import torch
+    import transformers
+
+    stats = outcome.stats
+    return {
+        "text": outcome.text,
+        "audio_path": str(outcome.audio_path) if outcome.audio_path else None,
+        "plan": plan_record,
+        "stats": {"load_s": stats.load_s, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                  "ttft_s": stats.ttft_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+                  "peak_memory_bytes": stats.peak_memory_bytes, "device": stats.device,
+                  "media_decode_s": stats.media_decode_s, "decode_s": stats.decode_s, "speech_s": stats.speech_s,
+                  "audio_seconds": stats.audio_seconds},
+        "reproducibility": {
+            "model_id": info.model_id, "revision": info.revision or None, "path": info.path,
+            "dtype": stats.dtype, "device_map": stats.device_map, "seed": seed, "sampling": outcome.sampling,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        },
+    }
+
+
+CHAT_HELP = ("Commands: /image PATH, /audio PATH, /video PATH (attach to your next message) · /clear (forget the "
+             "conversation) · /save FILE (the conversation as JSON) · /stats (the last answer's figures) · /help · "
+             "/exit (or Ctrl-D). Ctrl-C stops an answer.")
+
+
+@dataclasses.dataclass
+class Conversation:
+    """The chat so far: the messages the model sees, their media, and a record to save."""
+    kind: str
+    system_prompt: str | None
+    use_audio_in_video: bool
+    messages: list = dataclasses.field(default_factory=list)
+    media: Media = dataclasses.field(default_factory=Media)
+    record: list = dataclasses.field(default_factory=list)      # {"role", "text", "attachments"}
+    pending: Media = dataclasses.field(default_factory=Media)
+    pending_paths: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages = build_messages("", self.system_prompt, Media(), self.kind)[:-1]   # the system turn only
+        self.media = Media(use_audio_in_video=self.use_audio_in_video)
+        self.record, self.pending, self.pending_paths = [], Media(use_audio_in_video=self.use_audio_in_video), []
+
+    def attach(self, modality: str, path: str, info: ModelInfo, fps: float) -> None:
+        """Decode a file now (so a bad one is said at once) for the next message."""
+        if modality not in info.inputs:
+            raise UsageError(f"/{modality}: {info.model_id} cannot take {modality}")
+        if modality == "image":
+            self.pending.images.append(load_image(path, "/image"))
+        elif modality == "audio":
+            self.pending.audios.append(load_audio(path, "/audio")[:AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE])
+        else:
+            self.pending.videos.append(load_video(path, fps, self.use_audio_in_video, "/video"))
+        self.pending_paths.append(path)
+
+    def ask(self, text: str) -> None:
+        user = build_messages(text, None, self.pending, self.kind)[-1]
+        self.messages.append(user)
+        for name in ("images", "audios", "videos"):
+            getattr(self.media, name).extend(getattr(self.pending, name))
+        self.record.append({"role": "user", "text": text, "attachments": self.pending_paths})
+        self.pending, self.pending_paths = Media(use_audio_in_video=self.use_audio_in_video), []
+
+    def take_back(self) -> None:
+        """The last question failed: forget it (and its media)."""
+        user = self.messages.pop()
+        self.record.pop()
+        if isinstance(user["content"], list):
+            for name, key in (("images", "image"), ("audios", "audio"), ("videos", "video")):
+                count = sum(1 for item in user["content"] if item.get("type") == key)
+                if count:
+                    del getattr(self.media, name)[-count:]
+
+    def reply(self, text: str) -> None:
+        content = text if self.kind == "text" else [{"type": "text", "text": text}]
+        self.messages.append({"role": "assistant", "content": content})
+        self.record.append({"role": "assistant", "text": text, "attachments": []})
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    import tempfile
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_prompt: str | None) -> int:
+    """--interactive: load once, then answer message after message, keeping the history.
+    From a terminal it prompts; from a pipe it reads one message per line."""
+    loaded = with_cpu_fallback(lambda p: load(job, p, hw), plan, hw)
+    conversation = Conversation(job.info.kind, args.system_prompt, args.use_audio_in_video)
+    conversation.pending = job.media or Media()
+    conversation.pending_paths = [*args.image_path, *args.audio_path, *args.video_path]
+    terminal = sys.stdin.isatty()
+    say("💬 Chat: type a message and press Enter; /help lists the commands")
+    last: Outcome | None = None
+    queue = [first_prompt] if first_prompt else []
+    while True:
+        if queue:
+            line = queue.pop()
+        else:
+            if terminal:
+                sys.stderr.write("you> ")
+                sys.stderr.flush()
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                say("")
+                continue
+            if not line:   # end of input, Ctrl-D
+                break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            rest = rest.strip()
+            try:
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/help":
+                    say(CHAT_HELP)
+                elif command in ("/image", "/audio", "/video"):
+                    if not rest:
+                        raise UsageError(f"{command} needs a file: {command} PATH")
+                    conversation.attach(command[1:], rest, job.info, args.fps)
+                    say(f"📎 {rest} will go with your next message")
+                elif command == "/clear":
+                    conversation.clear()
+                    say("🧹 Cleared: a new conversation")
+                elif command == "/save":
+                    if not rest:
+                        raise UsageError("/save needs a file: /save chat.json")
+                    target = Path(rest).expanduser()
+                    if target.is_dir() or not target.parent.is_dir():
+                        raise UsageError(f"/save {rest}: give a file in a folder that exists")
+                    record = {"model_id": job.info.model_id, "messages": conversation.record}
+                    write_text_atomically(target, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+                    say(f"💾 Saved {len(conversation.record)} messages to {target}")
+                elif command == "/stats":
+                    say(describe_stats(last.stats) + "\n" + describe_stages(last.stats) if last else
+                        "No answer yet")
+                else:
+                    raise UsageError(f"{command}: unknown command; /help lists them")
+            except (UsageError, OSError) as exc:
+                say(f"Error: {exc}")
+            continue
+        conversation.ask(line)
+        try:
+            last = answer(loaded, job, conversation.messages, conversation.media, job.show)
+        except KeyboardInterrupt as exc:
+            conversation.reply(getattr(exc, "partial_text", ""))
+            say("⏹️ Stopped; the answer so far stays in the conversation")
+            continue
+        except Exception as exc:   # out of memory, a bad turn: the session goes on
+            conversation.take_back()
+            what = "out of memory; /clear starts a shorter conversation" if is_out_of_memory(exc) else \
+                f"{type(exc).__name__}: {exc}"
+            say(f"Error: {what}")
+            continue
+        conversation.reply(last.text)
+        if args.verbose:
+            say(describe_stages(last.stats))
+    say("👋 Bye")
     return EXIT_OK
 
 
@@ -1485,14 +1752,21 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
                     help="bitsandbytes quantization, CUDA only (default: none)")
     hw.add_argument("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
-    plan = parser.add_argument_group("planning")
+    plan = parser.add_argument_group("planning, output and chat")
     plan.add_argument("--dry_run", action="store_true",
                       help="print the plan (device, dtype, memory per component, whether it fits) without "
                            "loading any weights; only config.json is read")
     plan.add_argument("--hardware", type=_hardware_spec, metavar="SPEC",
                       help="with --dry_run: plan for another machine instead of this one: mps:16 (a Mac with "
                            "16 GB), cuda:24 or cuda:24,24 (GPUs with that many GB), cpu:32 (32 GB of RAM, no GPU)")
-    plan.add_argument("--json", action="store_true", help="with --dry_run: print the plan as one JSON object on stdout")
+    plan.add_argument("--json", action="store_true",
+                      help="print one JSON object on stdout instead of the streamed answer: the answer, the plan, "
+                           "the figures and a reproducibility record (with --dry_run: the plan)")
+    plan.add_argument("--verbose", action="store_true",
+                      help="per-stage timings on stderr: load, media decode, encoding and prefill, decode, speech")
+    plan.add_argument("--interactive", action="store_true",
+                      help="chat: load the model once and answer message after message (/help inside lists "
+                           "the commands); also when no --prompt is given and stdin is a terminal")
     misc = parser.add_argument_group("other")
     misc.add_argument("--trust_remote_code", action="store_true",
                       help="allow a model repository to run its own Python code (off by default: it runs "
@@ -1527,8 +1801,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
-    if args.json and not args.dry_run:
-        raise UsageError("--json works with --dry_run for now (it prints the plan as JSON)")
+    if args.interactive:
+        for flag in ("json", "output_audio", "dry_run"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
     if args.use_audio_in_video and not args.video_path:
         raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
     for flag in ("speaker", "max_speech_seconds"):
@@ -1590,6 +1866,9 @@ def check_modalities(args: argparse.Namespace, info: ModelInfo) -> None:
     if args.output_audio and info.kind != "omni":
         raise UsageError(f"--output_audio: {args.model_id} is {what} and cannot speak; drop --output_audio or "
                          f"{omni_hint}")
+    if args.output_audio and info.model_type not in SPEAKING_MODEL_TYPES:
+        raise UsageError(f"--output_audio: speaking with {info.model_type} models is not supported yet (their "
+                         f"text answers are); drop --output_audio or use {DEFAULT_MODEL_ID}")
 
 
 def choose_speaker(args: argparse.Namespace, info: ModelInfo) -> Speech | None:
@@ -1613,9 +1892,10 @@ def speech_codes(max_seconds: float | None) -> int:
 
 def describe_model(info: ModelInfo, facts: ModelFacts, components: tuple[str, ...]) -> str:
     line = f"🧠 {info.model_id} ({info.model_type}): {format_count(facts.total)} parameters"
-    if info.kind == "omni" and "talker" not in components:
+    if info.kind == "omni" and "talker" not in components and len(facts.parameters) > 1:
+        others = " and ".join(name for name in facts.parameters if name != "thinker")
         line += (f"; loading the thinker only ({format_count(facts.parameters['thinker'])}): no speech output "
-                 "was asked for, so the talker and token2wav stay on disk")
+                 f"was asked for, so the {others} stay on disk")
     return line
 
 
@@ -1651,7 +1931,8 @@ def run(args: argparse.Namespace) -> int:
         return self_test(hw, request, args.debug)
 
     # Everything the user typed is checked before anything heavy happens.
-    prompt = read_prompt(args)
+    interactive = args.interactive or (args.prompt is None and not args.dry_run and sys.stdin.isatty())
+    prompt = None if interactive and args.prompt is None else read_prompt(args)
     output_audio = check_output_audio(args.output_audio) if args.output_audio else None
     media = load_media(args)
     info = resolve_model(args.model_id)
@@ -1688,14 +1969,21 @@ def run(args: argparse.Namespace) -> int:
         from transformers import set_seed
         set_seed(args.seed)
     system_prompt = args.system_prompt or (SPEECH_SYSTEM_PROMPT if speech else None)
-    job = Job(info, build_messages(prompt, system_prompt, media, info.kind),
+    show = SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM
+    job = Job(info, build_messages(prompt or "", system_prompt, media, info.kind),
               Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
-              stream=not args.no_stream, thinker_only=info.kind == "omni" and "talker" not in components,
+              show=show, thinker_only=info.kind == "omni" and "talker" not in components,
               trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, media=media, speech=speech,
               output_audio=output_audio)
-    stats = run_with_fallback(job, plan, hw)
-    stats.media_decode_s = media.decode_s
-    say(describe_stats(stats))
+    if interactive:
+        return chat(job, plan, hw, args, prompt)
+    outcome = run_with_fallback(job, plan, hw)
+    say(describe_stats(outcome.stats))
+    if args.verbose:
+        say(describe_stages(outcome.stats))
+    if args.json:
+        print(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, args.seed), indent=2,
+                         ensure_ascii=False))
     return EXIT_OK
 
 

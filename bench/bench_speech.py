@@ -63,7 +63,7 @@ def main() -> None:
 
     def tool() -> float:
         stats = rm.Stats(device=plan.device)
-        _, wav = rm.generate(model, processor, inputs, sampling, stream=False, stats=stats, speech=speech)
+        _, wav = rm.generate(model, processor, inputs, sampling, rm.SHOW_NONE, stats, speech=speech)
         print(f"    tool: text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s, "
               f"speech part {stats.speech_s:.2f} s")
         return len(wav) / rm.SPEECH_SAMPLE_RATE

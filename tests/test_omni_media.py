@@ -219,3 +219,48 @@ def test_bad_media_is_one_line(tiny_models, bad_media, tmp_path, flag, which, sa
                       "--output_audio", output)
     assert one_line_error(result) == f"Error: {flag} {bad_media[which]}: {says}"
     assert not output.exists()
+
+
+# --- Qwen3-Omni: the same flags, the thinker alone ----------------------------------------
+
+def test_qwen3_omni_hears_and_sees_with_the_same_flags(tiny_models):
+    """A tiny qwen3_omni_moe checkpoint: image + audio in, text out, exactly plain transformers'."""
+    import soxr
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    model_dir = tiny_models["qwen3_omni"]
+    processor = AutoProcessor.from_pretrained(model_dir)
+    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    samples, rate = soundfile.read(FLAC, dtype="float32", always_2d=True)
+    sound = soxr.resample(samples.mean(axis=1), rate, 16000).astype(np.float32)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"},
+                                             {"type": "text", "text": "Answer the question."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(SAMPLE_IMAGE).convert("RGB")], audio=[sound],
+                       return_tensors="pt")
+    output = thinker.generate(**inputs, max_new_tokens=12, do_sample=False)
+    expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+
+    result = run_tool("--model_id", model_dir, "--prompt", "Answer the question.", "--image_path", SAMPLE_IMAGE,
+                      "--audio_path", FLAC, *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert stat(result.stderr, "tokens ·") == inputs["input_ids"].shape[-1]
+    assert "(qwen3_omni_moe)" in result.stderr
+
+
+def test_qwen3_omni_video_with_sound_runs(tiny_models):
+    result = run_tool("--model_id", tiny_models["qwen3_omni"], "--prompt", "What happens?", "--video_path", CLIP,
+                      "--use_audio_in_video", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_qwen3_omni_does_not_speak_yet(tiny_models, tmp_path):
+    result = run_tool("--model_id", tiny_models["qwen3_omni"], "--prompt", "Hi", "--output_audio",
+                      tmp_path / "reply.wav")
+    assert one_line_error(result) == ("Error: --output_audio: speaking with qwen3_omni_moe models is not supported "
+                                      "yet (their text answers are); drop --output_audio or use Qwen/Qwen2.5-Omni-3B")
+    assert list(tmp_path.iterdir()) == []

@@ -150,14 +150,14 @@ def build_qwen2(out: Path, full_size: bool = False, device: str = "cpu",
     return out
 
 
-def _image_processor():
+def _image_processor(patch_size: int = 14):
     from transformers import Qwen2VLImageProcessor
-    return Qwen2VLImageProcessor()
+    return Qwen2VLImageProcessor(patch_size=patch_size)
 
 
-def _video_processor():
+def _video_processor(patch_size: int = 14):
     from transformers import Qwen2VLVideoProcessor
-    return Qwen2VLVideoProcessor()
+    return Qwen2VLVideoProcessor(patch_size=patch_size)
 
 
 def build_qwen2_5_vl(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
@@ -244,7 +244,44 @@ def build_qwen2_5_omni(out: Path, full_size: bool = False, device: str = "cpu") 
     return out
 
 
-BUILDERS = {"qwen2": build_qwen2, "qwen2_5_vl": build_qwen2_5_vl, "qwen2_5_omni": build_qwen2_5_omni}
+TINY_QWEN3_OMNI_THINKER = dict(
+    text_config=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                     max_position_embeddings=4096, initializer_range=0.2,
+                     rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+    audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=64,
+                      num_mel_bins=128, downsample_hidden_size=16),
+    vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                       deepstack_visual_indexes=[1], num_position_embeddings=64))
+
+
+def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
+    """A tiny Qwen3-Omni (qwen3_omni_moe) checkpoint: the MoE thinker with vision and audio. There is
+    no published config here, and the tool does not speak with Qwen3-Omni yet, so it has no talker."""
+    from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor,
+                              WhisperFeatureExtractor)
+
+    if full_size:
+        raise SystemExit("qwen3_omni has no full-size build: no published config is in tests/configs")
+    tok = train_tokenizer(QWEN_OMNI_SPECIALS, QWEN_OMNI_TEMPLATE)
+    tok._set_model_specific_special_tokens(OMNI_NAMED_TOKENS)
+    thinker = _merge(TINY_QWEN3_OMNI_THINKER, _token_ids(tok, dict(
+        audio_token_id="<|AUDIO|>", image_token_id="<|IMAGE|>", video_token_id="<|VIDEO|>",
+        vision_start_token_id="<|vision_bos|>", audio_start_token_id="<|audio_bos|>")))
+    thinker["user_token_id"] = tok.convert_tokens_to_ids("user")
+    thinker["text_config"].update(vocab_size=len(tok), **_token_ids(tok, dict(
+        bos_token_id="<|im_start|>", eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>")))
+    config = Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=False)
+    _random_model(Qwen3OmniMoeForConditionalGeneration, config, full_size, device).save_pretrained(out)
+    patch = config.thinker_config.vision_config.patch_size   # 16 in Qwen3-Omni
+    Qwen3OmniMoeProcessor(image_processor=_image_processor(patch), video_processor=_video_processor(patch),
+                          feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+                          chat_template=QWEN_OMNI_TEMPLATE).save_pretrained(out)
+    return out
+
+
+BUILDERS = {"qwen2": build_qwen2, "qwen2_5_vl": build_qwen2_5_vl, "qwen2_5_omni": build_qwen2_5_omni,
+            "qwen3_omni": build_qwen3_omni}
 
 
 if __name__ == "__main__":
