@@ -168,3 +168,26 @@ def test_interactive_refuses_one_shot_flags(tiny_models, flag):
     result = run_tool("--model_id", tiny_models["qwen2"], "--interactive", flag)
     assert result.returncode == 2
     assert result.stderr == f"Error: {flag} works with one --prompt, not with --interactive\n"
+
+
+@pytest.mark.skipif(platform.system() == "Windows", reason="a pseudo-terminal")
+def test_no_prompt_at_a_terminal_starts_a_chat(tiny_models):
+    """No --prompt and stdin a terminal: a chat with a prompt; Ctrl-D leaves it."""
+    import os
+    import pty
+
+    expected = reference_chat(tiny_models["qwen2_5_vl"], [("Hello cat", [])])[0]
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen([sys.executable, str(SCRIPT), "--model_id", str(tiny_models["qwen2_5_vl"]), *GREEDY],
+                             stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=offline_env(),
+                             text=True)
+    os.close(terminal)
+    os.write(controller, b"Hello cat\n")
+    stdout = child.stdout.readline()      # the answer, streamed
+    os.write(controller, b"\x04")         # Ctrl-D
+    stderr = child.stderr.read()
+    child.wait(timeout=60)
+    os.close(controller)
+    assert child.returncode == 0, stderr
+    assert stdout == expected + "\n"
+    assert "💬 Chat" in stderr and stderr.count("you> ") == 2 and stderr.rstrip().endswith("👋 Bye")
