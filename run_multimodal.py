@@ -1106,10 +1106,13 @@ class Sampling:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_new_tokens: int = 0       # benchmarks force a length; a user never needs to
 
     def generate_kwargs(self) -> dict:
         """Overrides of the model's generation_config; nothing given keeps the model's defaults."""
         kwargs: dict = {"max_new_tokens": self.max_new_tokens}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
         if self.temperature == 0:
             return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         chosen = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}

@@ -108,7 +108,7 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_models):
     assert child.returncode == 0, stderr
     assert stderr.count("⏹️ Stopped; the answer so far stays in the conversation") == 1
     assert stderr.count("⏱️ load") == 1          # one finished answer: the second
-    assert stdout.startswith(first) and stdout.endswith("\n")
+    assert stdout.endswith("\n")   # (the first character was read above)
     assert "Traceback" not in stderr and stderr.rstrip().endswith("👋 Bye")
 
 
