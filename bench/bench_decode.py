@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["Qwen--Qwen2.5-3B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct"])
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--skip_compile", action="store_true", help="leave out static cache + torch.compile")
+    parser.add_argument("--isolate", action="store_true",
+                        help="plain, plain with a TextStreamer, the tool, plain again (no compile)")
     args = parser.parse_args()
 
     import torch
@@ -101,8 +103,21 @@ def main() -> None:
             return model.generate(**inputs, **forced, cache_implementation="static").shape[-1] \
                 - inputs["input_ids"].shape[-1]
 
+        def plain_streamed() -> int:   # plain generate with transformers' own TextStreamer (printing nothing)
+            from transformers import TextStreamer
+
+            class Quiet(TextStreamer):
+                def on_finalized_text(self, text, stream_end=False):
+                    pass
+
+            return model.generate(**inputs, **forced, streamer=Quiet(tokenizer, skip_prompt=True)).shape[-1] \
+                - inputs["input_ids"].shape[-1]
+
         runs = [("the tool", tool), ("plain generate, eager", plain)]
-        if not args.skip_compile:
+        if args.isolate:   # which part of the tool's path costs what: plain first, then with a streamer
+            runs = [("plain generate, eager", plain), ("plain generate, eager + TextStreamer", plain_streamed),
+                    ("the tool", tool), ("plain generate, eager (again)", plain)]
+        if not (args.skip_compile or args.isolate):
             runs.append(("plain generate, static cache + compile", static_compiled))
         print(f"\n{name}: weights {weights / 1e9:.2f} GB, ceiling {ceiling:.0f} tokens/s")
         for label, run in runs:
