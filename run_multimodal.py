@@ -1541,7 +1541,7 @@ class Conversation:
         if modality == "image":
             self.pending.images.append(load_image(path, "/image"))
         elif modality == "audio":
-            self.pending.audios.append(load_audio(path, "/audio")[:AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE])
+            self.pending.audios += audio_pieces(load_audio(path, "/audio"), f"/audio {path}")
         else:
             self.pending.videos.append(load_video(path, fps, self.use_audio_in_video, "/video"))
         self.pending_paths.append(path)
@@ -1836,14 +1836,9 @@ def load_media(args: argparse.Namespace) -> Media:
     media = Media(images=[load_image(path) for path in args.image_path],
                   videos=[load_video(path, args.fps, args.use_audio_in_video) for path in args.video_path],
                   use_audio_in_video=args.use_audio_in_video)
-    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
     for path in args.audio_path:
-        samples = load_audio(path)
-        pieces = [samples[start:start + window] for start in range(0, len(samples), window)]
-        if len(pieces) > 1:   # the processor would silently keep only the first 30 s
-            say(f"🎧 --audio_path {path} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as "
-                f"{len(pieces)} pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")
-        media.audios += pieces
+        media.audios += audio_pieces(load_audio(path), f"--audio_path {path}")
+    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
     for path, video in zip(args.video_path, media.videos):
         if args.use_audio_in_video and video.audio is None:
             say(f"⚠️ --video_path {path} has no sound track: using its pictures only")
@@ -1851,6 +1846,16 @@ def load_media(args: argparse.Namespace) -> Media:
             say(f"⚠️ --video_path {path}: only the first {AUDIO_WINDOW_SECONDS} s of its sound track is heard")
     media.decode_s = time.perf_counter() - start
     return media
+
+
+def audio_pieces(samples, what: str) -> list:
+    """A recording cut into the audio processor's 30 s windows, which would otherwise keep only the first."""
+    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
+    pieces = [samples[start:start + window] for start in range(0, len(samples), window)]
+    if len(pieces) > 1:
+        say(f"🎧 {what} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as {len(pieces)} "
+            f"pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")
+    return pieces
 
 
 def check_modalities(args: argparse.Namespace, info: ModelInfo) -> None:

@@ -127,7 +127,7 @@ def main() -> None:
             speed = tokens / second
             print(f"  {label:<40} {speed:7.1f} tokens/s  {speed / ceiling:5.1%} of the ceiling  "
                   f"(first run {first:.1f} s, second {second:.1f} s, {tokens} tokens)")
-        del model
+        model = tokenizer = None   # frees it for the next model
 
 
 if __name__ == "__main__":

@@ -33,6 +33,20 @@ def run_tool(*args: str, env: dict | None = None, stdin: str | None = None,
                           env=env or offline_env(), input=stdin, timeout=timeout, cwd=ROOT)
 
 
+def fake_hub_cache(root: Path, model_dir: Path, repo_id: str = "tiny/qwen2",
+                   commit: str = "0123456789abcdef") -> tuple[Path, Path]:
+    """(cache, snapshot): a Hugging Face cache laid out as a real download leaves it, holding model_dir."""
+    import shutil
+
+    cache = root / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache, snapshot
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """qwen2 (text), qwen2_5_vl and qwen2_5_omni (full: thinker, talker, token2wav, voices)."""

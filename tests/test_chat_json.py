@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, offline_env, run_tool
+from conftest import SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, fake_hub_cache, offline_env, run_tool
 from test_end_to_end import GREEDY
 
 CHAT = ("--interactive", *GREEDY)
@@ -142,12 +142,7 @@ def test_json_is_the_only_thing_on_stdout_and_has_every_field(tiny_models):
 
 
 def test_json_records_the_hub_revision(tiny_models, tmp_path):
-    import shutil
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--tiny--qwen2" / "snapshots" / "0123456789abcdef"
-    shutil.copytree(tiny_models["qwen2"], snapshot)
-    (cache / "models--tiny--qwen2" / "refs").mkdir()
-    (cache / "models--tiny--qwen2" / "refs" / "main").write_text("0123456789abcdef")
+    cache, snapshot = fake_hub_cache(tmp_path, tiny_models["qwen2"])
     result = run_tool("--model_id", "tiny/qwen2", "--prompt", "Hello cat", "--json", *GREEDY,
                       env=offline_env(HF_HUB_CACHE=str(cache)))
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import SAMPLE_IMAGE, SECOND_IMAGE, offline_env, run_tool
+from conftest import SAMPLE_IMAGE, SECOND_IMAGE, fake_hub_cache, offline_env, run_tool
 
 # The references run on the CPU in float32, so the exact comparisons do too (on a machine
 # with a GPU the tool would otherwise pick it, and a GPU's float32 rounds differently).
@@ -162,11 +162,7 @@ def test_omni_text_only(tiny_models):
 
 def test_hub_id_from_the_offline_cache(tiny_models, tmp_path):
     """A model id resolves through the Hugging Face cache exactly as a real download would."""
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--tiny--qwen2" / "snapshots" / "0123456789abcdef"
-    shutil.copytree(tiny_models["qwen2"], snapshot)
-    (cache / "models--tiny--qwen2" / "refs").mkdir()
-    (cache / "models--tiny--qwen2" / "refs" / "main").write_text("0123456789abcdef")
+    cache, _ = fake_hub_cache(tmp_path, tiny_models["qwen2"])
     expected, prompt_tokens = reference_answer(tiny_models["qwen2"], "text", "Hello cat")
     result = run_tool("--model_id", "tiny/qwen2", "--prompt", "Hello cat", *GREEDY,
                       env=offline_env(HF_HUB_CACHE=str(cache)))
