@@ -5,10 +5,16 @@ on the machine you have, with one command.
     python run_multimodal.py --prompt "Describe this image" --image_path photo.jpg
 
 It detects the hardware (Apple Silicon and MPS, CUDA GPUs, RAM, the CPU's bf16
-support), sizes the model exactly from its config.json, picks device, dtype and
-quantization, loads through transformers with device_map="auto", streams the answer
-to stdout and says on stderr what it found, what it chose and why, and how fast it ran.
-If memory runs out on a GPU it retries once on the CPU.
+support), sizes the model exactly from its config.json, plans device, dtype,
+quantization and memory (weights, KV cache, media tokens) against the device's real
+budget before loading anything, loads through transformers with device_map="auto",
+streams the answer to stdout and says on stderr what it found, what it chose and why,
+and how fast it ran. If memory still runs out on a GPU it retries once on the CPU.
+
+    python run_multimodal.py --dry_run --hardware mps:16          # would it fit a 16 GB Mac?
+    python run_multimodal.py --audio_path question.wav --image_path photo.jpg --output_audio reply.wav
+    python run_multimodal.py --interactive                          # a chat; /help inside
+    python run_multimodal.py --prompt "..." --json                  # one JSON object for scripts
 
 Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interrupted.
 """
