@@ -875,6 +875,17 @@ SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Tea
                         "perceiving auditory and visual inputs, as well as generating text and speech.")
 
 
+def _require(module: str, package: str, flag: str):
+    """Import a media library, or say which package the flag needs (a partial install, a pinned env)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RunError(f"{flag} needs the {package} package: pip install {package} "
+                       "(or pip install -r requirements.txt)") from exc
+
+
 def _readable_file(flag: str, path: str, what: str) -> Path:
     """The file behind a media flag, or a UsageError that names the flag and the problem."""
     file = Path(path).expanduser()
@@ -908,9 +919,9 @@ def load_image(path: str, flag: str = "--image_path"):
 def load_audio(path: str, flag: str = "--audio_path"):
     """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
     import numpy as np
-    import soundfile
-    import soxr
 
+    soundfile = _require("soundfile", "soundfile", flag)
+    soxr = _require("soxr", "soxr", flag)
     file = _readable_file(flag, path, "an audio file")
     try:
         samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
@@ -938,9 +949,9 @@ class Video:
 
 def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path") -> Video:
     """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
-    import av
     import numpy as np
 
+    av = _require("av", "av", flag)
     file = _readable_file(flag, path, "a video file")
     frames, audio = [], None
     try:
@@ -992,6 +1003,7 @@ def read_speakers(info: ModelInfo) -> list[str]:
 
 def check_output_audio(path: str) -> Path:
     """Where the spoken reply goes: checked before the model loads, so a typo costs nothing."""
+    _require("soundfile", "soundfile", "--output_audio")   # it writes the WAV, after all the work
     file = Path(path).expanduser()
     if file.is_dir():
         raise UsageError(f"--output_audio {path}: this is a folder; give a file name such as reply.wav")

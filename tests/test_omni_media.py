@@ -264,3 +264,22 @@ def test_qwen3_omni_does_not_speak_yet(tiny_models, tmp_path):
     assert one_line_error(result) == ("Error: --output_audio: speaking with qwen3_omni_moe models is not supported "
                                       "yet (their text answers are); drop --output_audio or use Qwen/Qwen2.5-Omni-3B")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, module, package", [
+    ("--video_path", CLIP, "av", "av"),
+    ("--audio_path", WAV16, "soxr", "soxr"),
+    ("--output_audio", "reply.wav", "soundfile", "soundfile"),
+])
+def test_a_missing_media_library_is_named(tiny_models, tmp_path, flag, value, module, package):
+    """A partial install: the flag's library cannot be imported (shadowed here by a module that fails)."""
+    blockers = tmp_path / "blockers"
+    blockers.mkdir()
+    (blockers / f"{module}.py").write_text(f"raise ImportError('no {module} here')\n")
+    from conftest import offline_env
+    result = run_tool("--model_id", tiny_models["qwen2_5_omni"], "--prompt", "Hi", flag,
+                      str(tmp_path / value) if flag == "--output_audio" else value,
+                      env=offline_env(PYTHONPATH=str(blockers)))
+    assert one_line_error(result, code=1) == (f"Error: {flag} needs the {package} package: pip install {package} "
+                                              "(or pip install -r requirements.txt)")
+    assert not (tmp_path / "reply.wav").exists()
