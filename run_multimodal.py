@@ -1556,12 +1556,14 @@ class Conversation:
         """Decode a file now (so a bad one is said at once) for the next message."""
         if modality not in info.inputs:
             raise UsageError(f"/{modality}: {info.model_id} cannot take {modality}")
+        start = time.perf_counter()
         if modality == "image":
             self.pending.images.append(load_image(path, "/image"))
         elif modality == "audio":
             self.pending.audios += audio_pieces(load_audio(path, "/audio"), f"/audio {path}")
         else:
             self.pending.videos.append(load_video(path, fps, self.use_audio_in_video, "/video"))
+        self.pending.decode_s += time.perf_counter() - start
         self.pending_paths.append(path)
 
     def ask(self, text: str) -> None:
@@ -1569,6 +1571,7 @@ class Conversation:
         self.messages.append(user)
         for name in ("images", "audios", "videos"):
             getattr(self.media, name).extend(getattr(self.pending, name))
+        self.media.decode_s = self.pending.decode_s   # this turn's, for its stats
         self.record.append({"role": "user", "text": text, "attachments": self.pending_paths})
         self.pending, self.pending_paths = Media(use_audio_in_video=self.use_audio_in_video), []
 
