@@ -735,8 +735,11 @@ def choose_plan(hw: Hardware, facts: ModelFacts, request: Request) -> Plan:
             reasons.append(f"💡 4-bit quantization would fit on the GPU ({format_bytes(alt.total)}): "
                            "pip install bitsandbytes to use it")
             continue
-        switched = (f"⚠️ Too big for {_device_name(device)} in {dtype}: using {_device_name(alt_device)}"
-                    + (f" with {alt_quantization} quantization" if alt_quantization else "") + " instead")
+        if alt_device == device and not alt_quantization:   # the CPU, in a smaller dtype
+            switched = f"⚠️ Too big for {_device_name(device)} in {dtype}: using {alt_dtype} instead"
+        else:
+            switched = (f"⚠️ Too big for {_device_name(device)} in {dtype}: using {_device_name(alt_device)}"
+                        + (f" with {alt_quantization} quantization" if alt_quantization else "") + " instead")
         return Plan(alt_device, alt_dtype, alt_quantization, tier,
                     (*reasons, first, switched, why, describe_fit(alt, alt_device, True, alt_budget, alt_source)),
                     alt, alt_budget, alt_source, True, alt_gpus)
@@ -1960,7 +1963,8 @@ def run(args: argparse.Namespace) -> int:
         return self_test(hw, request, args.debug)
 
     # Everything the user typed is checked before anything heavy happens.
-    interactive = args.interactive or (args.prompt is None and not args.dry_run and sys.stdin.isatty())
+    one_shot = args.dry_run or args.json or args.output_audio   # flags that only make sense for one answer
+    interactive = args.interactive or (args.prompt is None and not one_shot and sys.stdin.isatty())
     prompt = None if interactive and args.prompt is None else read_prompt(args)
     output_audio = check_output_audio(args.output_audio) if args.output_audio else None
     media = load_media(args)
