@@ -367,7 +367,6 @@ class ModelFacts:
     num_layers: int
     hidden_size: int
     intermediate_size: int
-    context_window: int
     talker_kv_elements_per_token: int = 0
     vision: VisionFacts | None = None
 
@@ -417,7 +416,6 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
         model_id=info.model_id, kind=info.kind, parameters=parameters, quantizable=quantizable,
         kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
-        context_window=getattr(text, "max_position_embeddings", 0) or 0,
         talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
         vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
         if vision is not None else None)
@@ -454,9 +452,9 @@ def _model_class(info: ModelInfo, thinker_only: bool):
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}   # nf4 + a float32 scale per 64 weights; int8
 FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
-SPEECH_COMPONENTS = ("thinker", "talker", "token2wav")
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
 MIN_PIXELS = 56 * 56
+MAX_ASPECT_RATIO = 200                 # the image processor refuses anything longer and thinner
 VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
@@ -546,17 +544,11 @@ def video_max_pixels(max_pixels: int) -> int:
 
 
 def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
-    """Visual tokens for one image after the processor's resize (Qwen2-VL's smart_resize), with its
-    start and end markers."""
+    """Visual tokens for one image after the processor's own resize, with its start and end markers."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     factor = vision.patch_size * vision.merge_size
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (h // factor) * (w // factor) + 2
 
 
@@ -853,9 +845,7 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
 
 
 def _bitsandbytes_config(plan: Plan):
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not _has_bitsandbytes():
         raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
                        "(or run without --quantize)")
     from transformers import BitsAndBytesConfig
@@ -870,6 +860,7 @@ def _bitsandbytes_config(plan: Plan):
 
 AUDIO_SAMPLE_RATE = 16_000     # what Qwen's audio encoders take: 16 kHz mono
 SPEECH_SAMPLE_RATE = 24_000    # Qwen2.5-Omni's voice
+AUDIO_WINDOW_SAMPLES = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
 DEFAULT_FPS = 2.0              # Qwen's default: two video frames a second
 MAX_FPS = 30.0
 DEFAULT_SPEAKER = "Chelsie"
@@ -911,12 +902,17 @@ def load_image(path: str, flag: str = "--image_path"):
     try:
         with Image.open(file) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            picture = ImageOps.exif_transpose(image).convert("RGB")
     except PermissionError as exc:
         raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
                          "check that the file is a complete picture") from exc
+    width, height = picture.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UsageError(f"{flag} {path}: {width} x {height} pixels is too long and thin for Qwen's image "
+                         f"processor (at most {MAX_ASPECT_RATIO}:1); crop it")
+    return picture
 
 
 def load_audio(path: str, flag: str = "--audio_path"):
@@ -943,7 +939,7 @@ def load_audio(path: str, flag: str = "--audio_path"):
 class Video:
     frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
     fps: float                # frames sampled per second of the clip
-    audio: object | None      # its sound track as 16 kHz mono float32, when asked for and present
+    audio: object | None      # its sound track as 16 kHz mono float32, when asked for
 
     @property
     def size(self) -> tuple[int, int]:
@@ -972,12 +968,14 @@ def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_pat
                     next_time += 1 / fps
         if with_audio:
             with av.open(str(file)) as container:
-                if container.streams.audio:
-                    resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
-                    chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
-                              for out in resampler.resample(frame)]
-                    chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-                    audio = np.concatenate(chunks) if chunks else None
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+                chunks = [out.to_ndarray().reshape(-1) for stream in container.streams.audio[:1]
+                          for frame in container.decode(stream) for out in resampler.resample(frame)]
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)] if chunks else []
+            if not chunks:
+                raise UsageError(f"{flag} {path}: this video has no sound track; drop --use_audio_in_video "
+                                 "or this video")
+            audio = np.concatenate(chunks)
     except (av.FFmpegError, ValueError) as exc:
         raise UsageError(f"{flag} {path}: not a readable video (MP4, MOV, WebM, ...); "
                          "check that the file is complete") from exc
@@ -1018,21 +1016,27 @@ def check_output_audio(path: str) -> Path:
     return file
 
 
-def write_wav(path: Path, samples, rate: int) -> None:
-    """A 16-bit PCM WAV, written to a temporary file in the same folder and renamed into place, so
+def write_atomically(path: Path, write) -> None:
+    """write(temporary_path) into a temporary file in the same folder, then rename it into place, so
     that an interrupted run never leaves a half-written file under the user's name."""
     import tempfile
-
-    import soundfile
 
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(handle)
     try:
-        soundfile.write(temporary, samples, rate, subtype="PCM_16", format="WAV")
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_wav(path: Path, samples, rate: int) -> None:
+    """A 16-bit PCM WAV, written atomically."""
+    import soundfile
+
+    write_atomically(path, lambda temporary: soundfile.write(temporary, samples, rate, subtype="PCM_16",
+                                                             format="WAV"))
 
 
 @dataclasses.dataclass
@@ -1078,19 +1082,15 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
     if media.videos:
         kwargs["videos"] = [video.frames for video in media.videos]
         kwargs["videos_kwargs"] = {"fps": media.videos[0].fps}
-        tracks = [(index, video.audio) for index, video in enumerate(media.videos) if video.audio is not None]
-        if media.use_audio_in_video and tracks:
+        if media.use_audio_in_video:
             # Each video's sound goes with its pictures, interleaved in time (Qwen's recommendation);
             # the sound tracks come first in the list, as the videos come first in the turn.
-            audio = [track for _, track in tracks] + audio
-            slots = [index for index, _ in tracks] + slots
+            audio = [video.audio for video in media.videos] + audio
+            slots = list(range(len(media.videos))) + slots
             if hasattr(processor, "_resolve_audio_from_video"):   # transformers >= 5.2x: slots say whose sound
                 kwargs.update(load_audio_from_video=True, audio_from_video_indices=slots)
-            elif len(tracks) == len(media.videos):                # 5.17: every video takes the next recording
+            else:                                                 # 5.17: each video takes the next recording
                 kwargs["videos_kwargs"]["use_audio_in_video"] = True
-            else:
-                raise UsageError("--use_audio_in_video: with this transformers version every --video_path needs "
-                                 "a sound track; drop the silent one or upgrade: pip install -U transformers")
     if audio:
         kwargs["audio"] = audio
     return processor(**kwargs).to(device)
@@ -1358,7 +1358,7 @@ def load(job: Job, plan: Plan, hw: Hardware) -> Loaded:
     return loaded
 
 
-def answer(loaded: Loaded, job: Job, messages: list, media: Media | None, show: str) -> Outcome:
+def answer(loaded: Loaded, job: Job, messages: list, media: Media | None) -> Outcome:
     """One turn: inputs through the processor, generation, the spoken reply if asked for."""
     import torch
 
@@ -1366,10 +1366,9 @@ def answer(loaded: Loaded, job: Job, messages: list, media: Media | None, show: 
                   dtype=loaded.plan.dtype, media_decode_s=media.decode_s if media else 0.0)
     sampling = effective_sampling(loaded.model.generation_config, job.sampling)
     inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
-    use_audio_in_video = bool(media and media.use_audio_in_video and "feature_attention_mask" in inputs
-                              and "video_grid_thw" in inputs)
+    use_audio_in_video = bool(media and media.use_audio_in_video and media.videos)
     with torch.inference_mode():
-        text, wav = generate(loaded.model, loaded.processor, inputs, job.sampling, show, stats, job.speech,
+        text, wav = generate(loaded.model, loaded.processor, inputs, job.sampling, job.show, stats, job.speech,
                              use_audio_in_video)
     stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(loaded.plan.device)
     if job.output_audio is None:
@@ -1386,9 +1385,9 @@ def run_plan(job: Job, plan: Plan, hw: Hardware) -> Outcome:
     """Load, prepare the inputs, generate."""
     loaded = load(job, plan, hw)
     try:
-        return answer(loaded, job, job.messages, job.media, job.show)
+        return answer(loaded, job, job.messages, job.media)
     finally:
-        del loaded
+        del loaded   # not kept alive by a traceback while the CPU retry loads its own copy
 
 
 def with_cpu_fallback(step, plan: Plan, hw: Hardware):
@@ -1594,19 +1593,6 @@ class Conversation:
         self.record.append({"role": "assistant", "text": text, "attachments": []})
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    import tempfile
-
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_prompt: str | None) -> int:
     """--interactive: load once, then answer message after message, keeping the history.
     From a terminal it prompts; from a pipe it reads one message per line."""
@@ -1658,7 +1644,8 @@ def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_pro
                     if target.is_dir() or not target.parent.is_dir():
                         raise UsageError(f"/save {rest}: give a file in a folder that exists")
                     record = {"model_id": job.info.model_id, "messages": conversation.record}
-                    write_text_atomically(target, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+                    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+                    write_atomically(target, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
                     say(f"💾 Saved {len(conversation.record)} messages to {target}")
                 elif command == "/stats":
                     say(describe_stats(last.stats) + "\n" + describe_stages(last.stats) if last else
@@ -1670,7 +1657,7 @@ def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_pro
             continue
         conversation.ask(line)
         try:
-            last = answer(loaded, job, conversation.messages, conversation.media, job.show)
+            last = answer(loaded, job, conversation.messages, conversation.media)
         except KeyboardInterrupt as exc:
             conversation.reply(getattr(exc, "partial_text", ""))
             say("⏹️ Stopped; the answer so far stays in the conversation")
@@ -1844,7 +1831,7 @@ def request_from_args(args: argparse.Namespace, prompt: str | None = None, media
     media = media or Media()
     audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
     if media.use_audio_in_video:
-        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos if v.audio is not None]
+        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos]
     system = args.system_prompt or (SPEECH_SYSTEM_PROMPT if args.output_audio else None)
     return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu,
                    speech=bool(args.output_audio), speech_codes=speech_codes(args.max_speech_seconds),
@@ -1862,11 +1849,8 @@ def load_media(args: argparse.Namespace) -> Media:
                   use_audio_in_video=args.use_audio_in_video)
     for path in args.audio_path:
         media.audios += audio_pieces(load_audio(path), f"--audio_path {path}")
-    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
     for path, video in zip(args.video_path, media.videos):
-        if args.use_audio_in_video and video.audio is None:
-            say(f"⚠️ --video_path {path} has no sound track: using its pictures only")
-        elif args.use_audio_in_video and len(video.audio) > window:
+        if args.use_audio_in_video and len(video.audio) > AUDIO_WINDOW_SAMPLES:
             say(f"⚠️ --video_path {path}: only the first {AUDIO_WINDOW_SECONDS} s of its sound track is heard")
     media.decode_s = time.perf_counter() - start
     return media
@@ -1874,8 +1858,7 @@ def load_media(args: argparse.Namespace) -> Media:
 
 def audio_pieces(samples, what: str) -> list:
     """A recording cut into the audio processor's 30 s windows, which would otherwise keep only the first."""
-    window = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
-    pieces = [samples[start:start + window] for start in range(0, len(samples), window)]
+    pieces = [samples[start:start + AUDIO_WINDOW_SAMPLES] for start in range(0, len(samples), AUDIO_WINDOW_SAMPLES)]
     if len(pieces) > 1:
         say(f"🎧 {what} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as {len(pieces)} "
             f"pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")

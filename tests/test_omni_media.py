@@ -80,8 +80,8 @@ def test_video_frames_and_sound_track():
     assert video.frames.shape == (6, 300, 452, 3)   # 3 s at 2 frames a second
     assert video.size == (452, 300)
     assert 2.0 < len(video.audio) / 16000 < 3.2     # "Here is a short clip of a cat."
-    silent = rm.load_video(str(CLIP), fps=1.0, with_audio=False)
-    assert silent.frames.shape[0] == 4 and silent.audio is None   # 3 frames, padded to a pair
+    pictures = rm.load_video(str(CLIP), fps=1.0, with_audio=False)
+    assert pictures.frames.shape[0] == 4 and pictures.audio is None   # 3 frames, padded to a pair
 
 
 def test_audio_token_estimate_matches_the_processor(tiny_models):
@@ -190,6 +190,21 @@ def test_impossible_requests_are_refused_before_loading(tiny_models, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def silent_video(path) -> None:
+    """A 1 s MPEG-4 clip with pictures and no sound track, written with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for shade in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), shade * 20, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 @pytest.fixture
 def bad_media(tmp_path):
     """Files that look like media and are not."""
@@ -201,7 +216,13 @@ def bad_media(tmp_path):
     truncated.write_bytes(CLIP.read_bytes()[:4000])
     not_video = tmp_path / "clip.mp4"
     not_video.write_text("not a video\n" * 50)
-    return {"empty": empty, "text": text, "truncated": truncated, "not_video": not_video, "folder": tmp_path}
+    thin = tmp_path / "thin.png"
+    from PIL import Image
+    Image.new("RGB", (402, 2)).save(thin)
+    silent = tmp_path / "silent.mp4"
+    silent_video(silent)
+    return {"empty": empty, "text": text, "truncated": truncated, "not_video": not_video, "folder": tmp_path,
+            "thin": thin, "silent": silent}
 
 
 @pytest.mark.parametrize("flag, which, says", [
@@ -212,11 +233,15 @@ def bad_media(tmp_path):
     ("--video_path", "truncated", "not a readable video (MP4, MOV, WebM, ...); check that the file is complete"),
     ("--video_path", "not_video", "not a readable video (MP4, MOV, WebM, ...); check that the file is complete"),
     ("--video_path", "empty", "the file is empty; give a video file"),
+    ("--video_path", "silent", "this video has no sound track; drop --use_audio_in_video or this video"),
+    ("--image_path", "thin", "402 x 2 pixels is too long and thin for Qwen's image processor (at most 200:1); "
+                             "crop it"),
 ])
 def test_bad_media_is_one_line(tiny_models, bad_media, tmp_path, flag, which, says):
     output = tmp_path / "reply.wav"
+    extra = ["--use_audio_in_video"] if which == "silent" else []
     result = run_tool("--model_id", tiny_models["qwen2_5_omni"], "--prompt", "Hi", flag, bad_media[which],
-                      "--output_audio", output)
+                      "--output_audio", output, *extra)
     assert one_line_error(result) == f"Error: {flag} {bad_media[which]}: {says}"
     assert not output.exists()
 

@@ -31,7 +31,8 @@ def spec(text: str, cpu_bf16: bool = True, ram_gb: float = 64) -> rm.Hardware:
 
 def test_full_omni_weights_match_the_published_checkpoint(real_facts):
     omni = real_facts[OMNI]
-    full = rm.estimate_memory(omni, rm.SPEECH_COMPONENTS, "bfloat16", None, rm.Request(speech=True))
+    full = rm.estimate_memory(omni, rm.loading_components(omni, speech=True), "bfloat16", None,
+                              rm.Request(speech=True))
     assert full.parameters == 5_537_120_640
     # bf16 thinker and talker, float32 token2wav: the published checkpoint is 11.97 GB (decimal).
     assert full.weights_bytes == (4_703_464_448 + 384_604_928) * 2 + 449_051_264 * 4 == 11_972_343_808

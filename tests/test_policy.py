@@ -76,7 +76,7 @@ def facts(parameters: int) -> rm.ModelFacts:
     """A text model of that many parameters with Qwen2.5-3B's cache shape."""
     return rm.ModelFacts(model_id="test/model", kind="text", parameters={"model": parameters},
                          quantizable={"model": parameters * 9 // 10}, kv_elements_per_token=2 * 36 * 2 * 128,
-                         num_layers=36, hidden_size=2048, intermediate_size=11008, context_window=32768)
+                         num_layers=36, hidden_size=2048, intermediate_size=11008)
 
 POLICY = [
     # hardware, parameters, device, dtype
