@@ -1,13 +1,14 @@
-"""Decode speed against the hardware's ceiling: the tool's generation path, and plain transformers
-`generate` (eager, and static cache + torch.compile) on the same model, in the same run.
+"""Decode speed against the hardware's ceiling: the tool's fast decoder, the tool with
+--no_fast_decode, and plain transformers `generate` (eager, and static cache + torch.compile) on the
+same model, in the same run; and whether the fast decoder's greedy tokens equal generate()'s.
 
 Random weights from the real configs in tests/configs (decode speed does not depend on the weights'
 values), batch 1, greedy, bf16 (or the dtype given), N new tokens forced with min_new_tokens.
-The ceiling is the weights' bytes read once per token at the copy bandwidth measured here first:
-tokens/s <= bandwidth / weights bytes.
+The ceiling is the bytes a token must read (every weight of the decoder and the output head; of the
+embedding table only one row) over the copy bandwidth measured here first.
 
-    python bench/bench_decode.py                                   (GPU: 3B and 1.5B; ~5 minutes)
-    python bench/bench_decode.py --device cpu --configs Qwen--Qwen2.5-0.5B-Instruct --new_tokens 64
+    python bench/bench_decode.py                                   (GPU: 3B, 1.5B, Omni thinker + image)
+    python bench/bench_decode.py --device cpu --configs Qwen--Qwen2.5-0.5B-Instruct --new_tokens 64 --no_omni
 """
 
 from __future__ import annotations
@@ -77,15 +78,104 @@ def timed(device: str, run) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def bytes_per_token(model) -> int:
+    """What one decoding step reads: the decoder's weights and the output head (the embedding table
+    only where it is the head too; otherwise one row of it)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    size = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    embedding = decoder.embed_tokens.weight
+    if head.weight.data_ptr() != embedding.data_ptr():
+        size += head.weight.numel() * head.weight.element_size() - embedding.numel() * embedding.element_size()
+    return size
+
+
+def same_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wanted) -> None:
+    import torch
+
+    size = bytes_per_token(model)
+    ceiling = bandwidth / size
+    sampling = rm.Sampling(args.new_tokens, temperature=0, min_new_tokens=args.new_tokens)
+    forced = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+    prompt_length = inputs["input_ids"].shape[-1]
+    tokens_seen = {}
+
+    def tool(fast: bool, compile_layers: bool = False):
+        def run():
+            stats = rm.Stats(device=args.device)
+            rm.generate(model, processor, inputs, sampling, rm.SHOW_NONE, stats, fast=fast, compile_layers=compile_layers)
+            return stats
+        return run
+
+    def plain(**extra):
+        def run():
+            sequences = model.generate(**inputs, **forced, **extra)
+            tokens_seen[tuple(sorted(extra))] = sequences[0, prompt_length:].tolist()
+            return sequences.shape[-1] - prompt_length
+        return run
+
+    runs = {"plain": ("plain generate, eager", plain()),
+            "static": ("plain generate, static cache + compile", plain(cache_implementation="static")),
+            "tool_generate": ("the tool, --no_fast_decode", tool(False)),
+            "tool": ("the tool (fast decoder, CUDA graph)" if args.device == "cuda" else "the tool (fast decoder)",
+                     tool(True)),
+            "compiled": ("the tool, layers compiled (--compile)", tool(True, compile_layers=True))}
+    print(f"\n{label}: {prompt_length} prompt tokens; a token reads {size / 1e9:.2f} GB; ceiling "
+          f"{ceiling:.0f} tokens/s from the copy bandwidth ({gemv / size:.0f} from the matrix-vector reads)")
+    for key in runs_wanted:
+        name, run = runs[key]
+        with torch.inference_mode():
+            first, result = timed(args.device, run)    # cold: first use, capture, compilation
+            second, result = timed(args.device, run)
+        if isinstance(result, rm.Stats):   # the rate the tool prints; steady: from the second token on
+            speed, tokens = result.decode_tokens_per_s, result.new_tokens
+            steady = (tokens - 2) / (result.decode_s - result.second_token_s)
+            extra = (f"steady {steady:.1f} tokens/s after {result.second_token_s:.2f} s of setup, "
+                     f"first token {result.ttft_s * 1000:.0f} ms, ")
+        else:
+            tokens, extra = result, ""
+            speed = tokens / second
+        print(f"  {name:<44} {speed:7.1f} tokens/s  {speed / ceiling:5.1%} of the ceiling  "
+              f"({extra}first run {first:.1f} s, second {second:.1f} s, {tokens} tokens)", flush=True)
+    if "plain" in runs_wanted and args.check:
+        streamer_tokens = []
+        from transformers.generation.streamers import BaseStreamer
+
+        class Collect(BaseStreamer):
+            def put(self, value):
+                streamer_tokens.extend(value.reshape(-1).tolist())
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            settings = rm._decoding_settings(model, sampling, inputs["input_ids"])
+            rm.fast_generate(model, inputs, sampling, Collect(), {}, settings, "compiled" in runs_wanted)
+        fast_tokens = streamer_tokens[prompt_length:]
+        reference = tokens_seen[()]
+        print(f"  greedy tokens, fast decoder vs plain generate: {same_prefix(fast_tokens, reference)} of "
+              f"{len(reference)} identical from the start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--configs", nargs="+", default=["Qwen--Qwen2.5-3B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct"])
+    parser.add_argument("--configs", nargs="*", default=["Qwen--Qwen2.5-3B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct"])
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--skip_compile", action="store_true", help="leave out static cache + torch.compile")
-    parser.add_argument("--isolate", action="store_true",
-                        help="plain, plain with a TextStreamer, the tool, plain again (no compile)")
+    parser.add_argument("--runs", nargs="+", default=["plain", "tool_generate", "tool", "static"],
+                        choices=("plain", "static", "tool_generate", "tool", "compiled"))
+    parser.add_argument("--no_omni", action="store_true", help="leave out the Omni-3B thinker with a 448x448 image")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the fast decoder's greedy tokens with plain generate's")
     args = parser.parse_args()
 
     import torch
@@ -99,58 +189,30 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where} | torch {torch.__version__} | transformers {transformers.__version__} | "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, matrix-vector reads {gemv / 1e9:.1f} GB/s | "
-          f"{args.dtype}, {args.new_tokens} new tokens, greedy")
+          f"{args.dtype}, {args.new_tokens} new tokens, greedy", flush=True)
+    plan = rm.Plan(args.device, args.dtype, None, "", ())
     for name in args.configs:
         with tempfile.TemporaryDirectory() as folder:
             tiny_models.build_qwen2(Path(folder) / "m", full_size=True, device=args.device, config_name=name)
             info = rm.resolve_model(str(Path(folder) / "m"))
-            plan = rm.Plan(args.device, args.dtype, None, "", ())
             model, tokenizer = rm.load_model(info, plan, rm.detect_hardware(), False, False)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        ceiling = bandwidth / weights
-        messages = rm.build_messages(PROMPT, None, rm.Media(), "text")
-        inputs = rm.prepare_inputs(tokenizer, messages, model.device)
-        sampling = rm.Sampling(args.new_tokens, temperature=0, min_new_tokens=args.new_tokens)
-        forced = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-
-        def tool() -> int:
-            stats = rm.Stats(device=args.device)
-            rm.generate(model, tokenizer, inputs, sampling, rm.SHOW_NONE, stats)
-            return stats.new_tokens
-
-        def plain() -> int:
-            return model.generate(**inputs, **forced).shape[-1] - inputs["input_ids"].shape[-1]
-
-        def static_compiled() -> int:
-            return model.generate(**inputs, **forced, cache_implementation="static").shape[-1] \
-                - inputs["input_ids"].shape[-1]
-
-        def plain_streamed() -> int:   # plain generate with transformers' own TextStreamer (printing nothing)
-            from transformers import TextStreamer
-
-            class Quiet(TextStreamer):
-                def on_finalized_text(self, text, stream_end=False):
-                    pass
-
-            return model.generate(**inputs, **forced, streamer=Quiet(tokenizer, skip_prompt=True)).shape[-1] \
-                - inputs["input_ids"].shape[-1]
-
-        runs = [("the tool", tool), ("plain generate, eager", plain)]
-        if args.isolate:   # which part of the tool's path costs what: plain first, then with a streamer
-            runs = [("plain generate, eager", plain), ("plain generate, eager + TextStreamer", plain_streamed),
-                    ("the tool", tool), ("plain generate, eager (again)", plain)]
-        if not (args.skip_compile or args.isolate):
-            runs.append(("plain generate, static cache + compile", static_compiled))
-        print(f"\n{name}: weights {weights / 1e9:.2f} GB, ceiling {ceiling:.0f} tokens/s from the copy bandwidth "
-              f"({gemv / weights:.0f} from the matrix-vector reads)")
-        for label, run in runs:
-            with torch.inference_mode():
-                first, tokens = timed(args.device, run)    # cold: first use, compilation
-                second, tokens = timed(args.device, run)
-            speed = tokens / second
-            print(f"  {label:<40} {speed:7.1f} tokens/s  {speed / ceiling:5.1%} of the ceiling  "
-                  f"(first run {first:.1f} s, second {second:.1f} s, {tokens} tokens)")
+        inputs = rm.prepare_inputs(tokenizer, rm.build_messages(PROMPT, None, rm.Media(), "text"), model.device)
+        bench_model(name, model, tokenizer, inputs, args, bandwidth, gemv, args.runs)
         model = tokenizer = None   # frees it for the next model
+    if not args.no_omni:
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as folder:
+            tiny_models.build_qwen2_5_omni(Path(folder) / "omni", full_size=True, device=args.device)
+            info = rm.resolve_model(str(Path(folder) / "omni"))
+            model, processor = rm.load_model(info, plan, rm.detect_hardware(), True, False)
+        image = Image.open(ROOT / "sample_data" / "sample_image.jpg").convert("RGB").resize((448, 448))
+        media = rm.Media(images=[image])
+        messages = rm.build_messages("Describe this image.", None, media, "omni")
+        inputs = rm.prepare_inputs(processor, messages, model.device, media)
+        runs = [r for r in args.runs if r != "static"]   # generate's static cache is not wired for Omni's thinker
+        bench_model("Qwen--Qwen2.5-Omni-3B thinker, one 448x448 image", model, processor, inputs, args, bandwidth,
+                    gemv, runs)
 
 
 if __name__ == "__main__":

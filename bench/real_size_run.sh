@@ -5,7 +5,8 @@
 # to see the offload warning and the fall back to the CPU. Plain transformers `generate` on
 # the same 3B checkpoint is timed in the same run, for comparison.
 #
-#   bash bench/real_size_run.sh            (on a machine with an NVIDIA GPU; ~5 minutes)
+#   bash bench/real_size_run.sh            (on a machine with an NVIDIA GPU; ~6 minutes)
+#   ONLY_SPEED=1 bash bench/real_size_run.sh   (the tool's own runs only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODELS=${MODELS:-/tmp/real_size_models}
@@ -23,11 +24,14 @@ tool() {
     echo "exit code $? · answer: $(wc -c < /tmp/answer.txt) bytes on stdout"
 }
 
-tool --self_test
+[ -z "${ONLY_SPEED:-}" ] && tool --self_test
 tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0
 tool --model_id "$MODELS/small/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0
 tool --model_id "$MODELS/qwen2_5_omni" --prompt "Describe this image and explain what's happening" \
      --image_path sample_data/sample_image.jpg --max_new_tokens 256 --temperature 0
+tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0 --compile
+tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 256 --temperature 0 --no_fast_decode
+[ -n "${ONLY_SPEED:-}" ] && exit 0   # ONLY_SPEED=1: the runs above alone (~3 minutes)
 tool --model_id "$MODELS/qwen2" --prompt "$PROMPT" --max_new_tokens 16 --quantize 4bit
 
 echo; echo "--- plain transformers generate (eager), same 3B checkpoint, 256 tokens forced"

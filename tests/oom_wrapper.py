@@ -3,7 +3,8 @@
 Used by test_memory_fallback.py. Environment:
   SIMULATED_GPU_GB=8   a CUDA GPU of that size is present (we have none here): loading onto
                        it raises torch.OutOfMemoryError, as a real one would for a model too big
-  OOM_AT_GENERATE=1    the first call of generate() raises torch.OutOfMemoryError
+  OOM_AT_GENERATE=1    the first forward pass of a model (the prompt, in generate() or in the
+                       tool's fast decoder) raises torch.OutOfMemoryError
   SIMULATED_RAM_GB=0.1 the machine has that much RAM available
 Every from_pretrained of a model prints "[oom_wrapper] from_pretrained" on stderr.
 The tool itself runs unchanged; only transformers' entry points and the hardware are wrapped.
@@ -51,16 +52,18 @@ if gpu_gb:
     torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
 
 if os.environ.get("OOM_AT_GENERATE"):
-    real_generate = transformers.GenerationMixin.generate
-    calls = []
+    # The first forward pass of any loaded model (the prompt, whether generate() or the tool's fast
+    # decoder runs it) raises; later ones run.
+    real_call = torch.nn.Module.__call__
+    raised = []
 
-    def generate(self, *args, **kwargs):
-        calls.append(1)
-        print(f"[oom_wrapper] generate call {len(calls)}", file=sys.stderr)
-        if len(calls) == 1:
+    def call(self, *args, **kwargs):
+        if not raised and isinstance(self, transformers.PreTrainedModel):
+            raised.append(1)
+            print("[oom_wrapper] out of memory at the first forward pass", file=sys.stderr)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
-        return real_generate(self, *args, **kwargs)
+        return real_call(self, *args, **kwargs)
 
-    transformers.GenerationMixin.generate = generate
+    torch.nn.Module.__call__ = call
 
 sys.exit(rm.main())

@@ -27,7 +27,7 @@ def test_out_of_memory_on_the_gpu_and_the_cpu_is_a_clean_error(tiny_models):
                       env=offline_env(SIMULATED_GPU_GB="8", OOM_AT_GENERATE="1"))
     assert result.returncode == 1
     assert result.stderr.count("retrying once on the CPU") == 1
-    assert result.stderr.count("[oom_wrapper] generate call") == 1
+    assert result.stderr.count("[oom_wrapper] out of memory at the first forward pass") == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: out of memory on cuda and on the CPU; try a smaller model such as Qwen/Qwen2.5-1.5B-Instruct "
         "or fewer --max_new_tokens")
@@ -39,5 +39,5 @@ def test_out_of_memory_on_the_cpu_does_not_retry(tiny_models):
                       env=offline_env(OOM_AT_GENERATE="1"))
     assert result.returncode == 1
     assert "retrying" not in result.stderr
-    assert result.stderr.count("[oom_wrapper] generate call") == 1
+    assert result.stderr.count("[oom_wrapper] out of memory at the first forward pass") == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error: out of memory on the CPU; try a smaller model")
