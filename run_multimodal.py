@@ -16,7 +16,8 @@ and how fast it ran. If memory still runs out on a GPU it retries once on the CP
     python run_multimodal.py --interactive                          # a chat; /help inside
     python run_multimodal.py --prompt "..." --json                  # one JSON object for scripts
 
-Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interrupted.
+Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interrupted (Ctrl-C),
+141 stdout closed by its reader, 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ MEDIUM_MPS_MIN_RAM_GB = 16
 LARGE_MPS_MIN_RAM_GB = 32
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OUTPUT_CLOSED, EXIT_TERMINATED = 141, 143   # 128 + SIGPIPE, 128 + SIGTERM, as a shell reports them
 GB = 1024**3
 HUB_PROBE_TIMEOUT_S = 3.0
 CHAT_TEMPLATE_TOKENS = 48       # Qwen's chat template and default system prompt, in tokens
@@ -60,15 +63,34 @@ class RunError(Exception):
     """A failure at run time (memory, missing package, network): exit code 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop as Ctrl-C does (the answer so far stays printed, no half-written file)."""
+
+
+class OutputClosed(KeyboardInterrupt):
+    """Whoever read stdout stopped reading (`| head -c 10`): stop generating and end quietly."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def say(message: str) -> None:
     """A line for people: stderr, so that stdout carries only the answer."""
     print(message, file=sys.stderr, flush=True)
 
 
 def _write_stdout(text: str) -> None:
-    """The answer, as it comes."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """The answer, as it comes. If the reader has gone, stdout is pointed at /dev/null (so that
+    Python's own flush at exit stays quiet too) and OutputClosed stops the run."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise OutputClosed() from None
 
 
 # --- hardware detection ---------------------------------------------------------
@@ -291,6 +313,24 @@ def resolve_model(model_id: str) -> ModelInfo:
     return model_info_from_config(model_id, config, str(folder), revision)
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_folder(model_id: str) -> None:
+    """A local model folder holds weights and a tokenizer: said before anything loads. (A dry run
+    needs only config.json; a Hub id downloads what it lacks.)"""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise UsageError(f"--model_id {model_id}: this folder has no weights (model.safetensors or "
+                         "model-00001-of-0000N.safetensors); copy the whole model repository into it")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"--model_id {model_id}: this folder has no tokenizer (tokenizer.json, "
+                         "tokenizer_config.json); copy the whole model repository into it")
+
+
 def _hub_config(repo_id: str) -> Path:
     """config.json of a Hub model: from the cache when offline, downloaded otherwise."""
     if os.environ.get("HF_HUB_OFFLINE", "0").upper() not in ("1", "ON", "YES", "TRUE"):
@@ -369,6 +409,7 @@ class ModelFacts:
     intermediate_size: int
     talker_kv_elements_per_token: int = 0
     vision: VisionFacts | None = None
+    context_window: int | None = None   # the language model's max_position_embeddings
 
     @property
     def total(self) -> int:
@@ -417,6 +458,7 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
         kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
+        context_window=getattr(text, "max_position_embeddings", None),
         vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
         if vision is not None else None)
 
@@ -455,6 +497,7 @@ FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs it
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
 MIN_PIXELS = 56 * 56
 MAX_ASPECT_RATIO = 200                 # the image processor refuses anything longer and thinner
+MAX_IMAGE_PIXELS = 256_000_000         # larger files are refused before decoding (PIL's bomb guard, raised)
 VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
@@ -826,7 +869,17 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
         say("🍎 Using MPS device mapping for Apple Silicon GPU")
     if plan.quantization:
         kwargs["quantization_config"] = _bitsandbytes_config(plan)
-    model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
+    folder = Path(info.model_id).expanduser()
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True   # never the pickled .bin beside them
+    try:
+        model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
+    except Exception as exc:   # transformers loads .bin files with weights_only: a pickle with code is refused
+        if "weights only load failed" in str(exc).lower() or "weights_only" in str(exc):
+            raise RunError(f"--model_id {info.model_id}: its weights file holds objects or code that PyTorch will "
+                           "not load safely, so it was not loaded; use a .safetensors checkpoint from a source "
+                           "you trust") from exc
+        raise
     model.eval()
     loader = AutoTokenizer if info.kind == "text" else AutoProcessor
     processor = loader.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
@@ -899,13 +952,17 @@ def load_image(path: str, flag: str = "--image_path"):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     file = _readable_file(flag, path, "an image file")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS   # PIL's own guard refuses over 179 MP, as a "bomb"
     try:
         with Image.open(file) as image:
             image.load()
             picture = ImageOps.exif_transpose(image).convert("RGB")
     except PermissionError as exc:
         raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UsageError(f"{flag} {path}: more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, which this tool does "
+                         "not open (the model sees at most about 1 megapixel); scale it down first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
                          "check that the file is a complete picture") from exc
     width, height = picture.size
@@ -922,6 +979,12 @@ def load_audio(path: str, flag: str = "--audio_path"):
     soundfile = _require("soundfile", "soundfile", flag)
     soxr = _require("soxr", "soxr", flag)
     file = _readable_file(flag, path, "an audio file")
+    with open(file, "rb") as handle:   # libsndfile reads a cut-short WAV as if it were whole
+        head = handle.read(12)
+    declared = int.from_bytes(head[4:8], "little") + 8 if head[:4] == b"RIFF" and head[8:12] == b"WAVE" else 0
+    if declared > file.stat().st_size:
+        raise UsageError(f"{flag} {path}: the file is cut short ({file.stat().st_size:,} of the {declared:,} bytes "
+                         "its header promises); check that the file is a complete recording")
     try:
         samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -999,7 +1062,11 @@ def read_speakers(info: ModelInfo) -> list[str]:
             raise RunError(f"--output_audio: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
                            "use a complete Qwen2.5-Omni checkpoint") from exc
     # weights_only: a speaker file holds tensors and names, never code to run.
-    return list(torch.load(path, weights_only=True, map_location="cpu"))
+    try:
+        return list(torch.load(path, weights_only=True, map_location="cpu"))
+    except Exception as exc:
+        raise RunError(f"--output_audio: {path} holds more than voices (objects or code that PyTorch will not "
+                       "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
 
 
 def check_output_audio(path: str) -> Path:
@@ -1011,8 +1078,15 @@ def check_output_audio(path: str) -> Path:
     folder = file.parent
     if not folder.is_dir():
         raise UsageError(f"--output_audio {path}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--output_audio {path}: cannot write in {folder}; choose a folder you can write to")
+    import tempfile
+
+    try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
+        handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--output_audio {path}: cannot write in {folder} ({exc.strerror}); choose a folder "
+                         "you can write to") from exc
     return file
 
 
@@ -1584,8 +1658,12 @@ def generate(model, processor, inputs, sampling: Sampling, show: str, stats: Sta
                                     thinker_streamer=streamer)
     except BaseException as exc:   # out of memory, Ctrl-C: end the partial answer's line, then let it rise
         exc.partial_text = "".join(streamer.pieces)
-        if stream and exc.partial_text:
+        if isinstance(exc, OutputClosed) or not exc.partial_text:
+            raise
+        if stream:
             _write_stdout("\n")
+        elif show == SHOW_ONCE and isinstance(exc, KeyboardInterrupt):   # interrupted: what was generated
+            _write_stdout(exc.partial_text + "\n")
         raise
     end = time.perf_counter()
     text = "".join(streamer.pieces)
@@ -1690,6 +1768,7 @@ class Job:
     speech: Speech | None = None
     output_audio: Path | None = None
     fast_decode: bool = True      # --no_fast_decode turns it off
+    context_window: int | None = None   # the most tokens the model reads: prompt and answer together
     compile_layers: bool = False  # --compile
 
 
@@ -1761,9 +1840,10 @@ def answer(loaded: Loaded, job: Job, messages: list, media: Media | None) -> Out
                   dtype=loaded.plan.dtype, media_decode_s=media.decode_s if media else 0.0)
     sampling = effective_sampling(loaded.model.generation_config, job.sampling)
     inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
+    wanted = fit_context(job, int(inputs["input_ids"].shape[-1]))
     use_audio_in_video = bool(media and media.use_audio_in_video and media.videos)
     with torch.inference_mode():
-        text, wav = generate(loaded.model, loaded.processor, inputs, job.sampling, job.show, stats, job.speech,
+        text, wav = generate(loaded.model, loaded.processor, inputs, wanted, job.show, stats, job.speech,
                              use_audio_in_video, loaded.fast, job.compile_layers)
     stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(loaded.plan.device)
     if job.output_audio is None:
@@ -1774,6 +1854,24 @@ def answer(loaded: Loaded, job: Job, messages: list, media: Media | None) -> Out
     write_wav(job.output_audio, wav, SPEECH_SAMPLE_RATE)
     say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {job.output_audio}")
     return Outcome(text, stats, sampling, job.output_audio)
+
+
+def fit_context(job: Job, prompt_tokens: int) -> Sampling:
+    """The sampling settings for a prompt of this many tokens: a prompt the model cannot read is
+    refused before generating; an answer that would run past the context window is cut to fit."""
+    window, sampling = job.context_window, job.sampling
+    if not window:
+        return sampling
+    if prompt_tokens >= window:
+        raise UsageError(f"--prompt: the prompt is {prompt_tokens:,} tokens (with the chat template and any "
+                         f"attached files), and {job.info.model_id} reads at most {window:,}; shorten it, or attach "
+                         "fewer or smaller files (--max_pixels)")
+    room = window - prompt_tokens
+    if sampling.max_new_tokens <= room:
+        return sampling
+    say(f"⚠️ The prompt is {prompt_tokens:,} tokens and the model reads at most {window:,}: the answer stops "
+        f"after {room:,} tokens, not --max_new_tokens {sampling.max_new_tokens:,}")
+    return dataclasses.replace(sampling, max_new_tokens=room, min_new_tokens=min(sampling.min_new_tokens, room))
 
 
 def run_plan(job: Job, plan: Plan, hw: Hardware) -> Outcome:
@@ -2010,7 +2108,9 @@ def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_pro
                 sys.stderr.flush()
             try:
                 line = sys.stdin.readline()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, (Terminated, OutputClosed)):
+                    raise
                 say("")
                 continue
             if not line:   # end of input, Ctrl-D
@@ -2056,13 +2156,15 @@ def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_pro
         try:
             last = answer(loaded, job, conversation.messages, conversation.media)
         except KeyboardInterrupt as exc:
+            if isinstance(exc, (Terminated, OutputClosed)):
+                raise
             conversation.reply(getattr(exc, "partial_text", ""))
             say("⏹️ Stopped; the answer so far stays in the conversation")
             continue
         except Exception as exc:   # out of memory, a bad turn: the session goes on
             conversation.take_back()
             what = "out of memory; /clear starts a shorter conversation" if is_out_of_memory(exc) else \
-                f"{type(exc).__name__}: {exc}"
+                str(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {exc}"
             say(f"Error: {what}")
             continue
         conversation.reply(last.text)
@@ -2215,6 +2317,11 @@ def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, caught before anything else happens."""
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
+    if args.quantize != "none" and (args.force_cpu or args.device in ("cpu", "mps")):
+        where = "--force_cpu" if args.force_cpu else f"--device {args.device}"
+        raise UsageError(f"--quantize {args.quantize} conflicts with {where}: bitsandbytes quantization runs on "
+                         "NVIDIA GPUs only" + (" (never on Apple Silicon)" if args.device == "mps" else "")
+                         + "; drop one of them")
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
     if args.interactive:
@@ -2249,6 +2356,11 @@ def load_media(args: argparse.Namespace) -> Media:
     media = Media(images=[load_image(path) for path in args.image_path],
                   videos=[load_video(path, args.fps, args.use_audio_in_video) for path in args.video_path],
                   use_audio_in_video=args.use_audio_in_video)
+    for path, image in zip(args.image_path, media.images):
+        width, height = image.size
+        if width * height > args.max_pixels:
+            say(f"🖼️ --image_path {path}: {width} x {height} pixels is scaled down to about "
+                f"{args.max_pixels / 1e6:.1f} megapixels for the model (--max_pixels {args.max_pixels})")
     for path in args.audio_path:
         media.audios += audio_pieces(load_audio(path), f"--audio_path {path}")
     for path, video in zip(args.video_path, media.videos):
@@ -2361,6 +2473,8 @@ def run(args: argparse.Namespace) -> int:
     # The plan: from config.json alone (no weights) and the hardware, real or described.
     _quiet_libraries(args.debug)
     facts = model_facts(load_config(info, args.trust_remote_code), info, args.trust_remote_code)
+    if not args.dry_run:
+        check_model_folder(args.model_id)
     hw = simulated_hardware(args.hardware) if args.hardware else detect_hardware()
     check_device_available(hw, request)
     for line in describe_hardware(hw):
@@ -2374,7 +2488,7 @@ def run(args: argparse.Namespace) -> int:
         for line in describe_plan(plan):
             say(line)
         if args.json:
-            print(json.dumps(plan_as_dict(facts, plan, hw), indent=2))
+            _write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
         if not plan.fits:
             say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}")
             return EXIT_FAILURE
@@ -2392,7 +2506,8 @@ def run(args: argparse.Namespace) -> int:
               Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
               show=show, thinker_only=info.kind == "omni" and "talker" not in components,
               trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, media=media, speech=speech,
-              output_audio=output_audio, fast_decode=not args.no_fast_decode, compile_layers=args.compile)
+              output_audio=output_audio, fast_decode=not args.no_fast_decode, compile_layers=args.compile,
+              context_window=facts.context_window)
     if interactive:
         return chat(job, plan, hw, args, prompt)
     outcome = run_with_fallback(job, plan, hw)
@@ -2400,19 +2515,25 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         say(describe_stages(outcome.stats))
     if args.json:
-        print(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, args.seed), indent=2,
-                         ensure_ascii=False))
+        _write_stdout(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, args.seed), indent=2,
+                                 ensure_ascii=False) + "\n")
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)   # SIGTERM stops like Ctrl-C, cleanly
     try:
         return run(args)
     except UsageError as exc:
         return _fail(exc, EXIT_USAGE, args.debug)
     except RunError as exc:
         return _fail(exc, EXIT_FAILURE, args.debug)
+    except OutputClosed:
+        return EXIT_OUTPUT_CLOSED
+    except Terminated:
+        say("\n⏹️ Terminated")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         say("\n⏹️ Interrupted")
         return EXIT_INTERRUPTED
@@ -2421,6 +2542,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_out_of_memory(exc):
             message = f"out of memory ({message})"
         return _fail(RunError(message + " (run again with --debug for the traceback)"), EXIT_FAILURE, args.debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(exc: Exception, code: int, debug: bool) -> int:

@@ -3,8 +3,10 @@
 Used by test_memory_fallback.py. Environment:
   SIMULATED_GPU_GB=8   a CUDA GPU of that size is present (we have none here): loading onto
                        it raises torch.OutOfMemoryError, as a real one would for a model too big
-  OOM_AT_GENERATE=1    the first forward pass of a model (the prompt, in generate() or in the
-                       tool's fast decoder) raises torch.OutOfMemoryError
+  SIMULATED_GPU_FITS=1 ... unless the model fits it: then it "loads on the GPU" (on the CPU, in
+                       the GPU's place; the tool believes its plan)
+  OOM_AT_GENERATE=N    the first N forward passes of a model (the prompt, in generate() or in the
+                       tool's fast decoder) raise torch.OutOfMemoryError
   SIMULATED_RAM_GB=0.1 the machine has that much RAM available
 Every from_pretrained of a model prints "[oom_wrapper] from_pretrained" on stderr.
 The tool itself runs unchanged; only transformers' entry points and the hardware are wrapped.
@@ -43,7 +45,9 @@ real_from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
 def from_pretrained(cls, *args, **kwargs):
     print("[oom_wrapper] from_pretrained", file=sys.stderr)
     if gpu_gb and kwargs.get("device_map") is not None:   # bound for the (simulated) GPU
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        if not os.environ.get("SIMULATED_GPU_FITS"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        kwargs.pop("device_map")
     return real_from_pretrained(cls, *args, **kwargs)
 
 
@@ -52,15 +56,15 @@ if gpu_gb:
     torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
 
 if os.environ.get("OOM_AT_GENERATE"):
-    # The first forward pass of any loaded model (the prompt, whether generate() or the tool's fast
-    # decoder runs it) raises; later ones run.
+    # The first N forward passes of any loaded model (the prompt, whether generate() or the tool's
+    # fast decoder runs it) raise; later ones run.
     real_call = torch.nn.Module.__call__
     raised = []
 
     def call(self, *args, **kwargs):
-        if not raised and isinstance(self, transformers.PreTrainedModel):
+        if len(raised) < int(os.environ["OOM_AT_GENERATE"]) and isinstance(self, transformers.PreTrainedModel):
             raised.append(1)
-            print("[oom_wrapper] out of memory at the first forward pass", file=sys.stderr)
+            print("[oom_wrapper] out of memory in a forward pass", file=sys.stderr)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
         return real_call(self, *args, **kwargs)
 
