@@ -26,6 +26,15 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def default_signals() -> None:
+    """For a child process (preexec_fn): Ctrl-C as a terminal gives it. A shell starts background
+    jobs with SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt; a CI job
+    may run as one."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_tool(*args: str, env: dict | None = None, stdin: str | None = None,
              script: Path = SCRIPT, timeout: float = 600) -> subprocess.CompletedProcess:
     """python run_multimodal.py ARGS, as a user types it."""

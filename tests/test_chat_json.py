@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, fake_hub_cache, offline_env, run_tool
+from conftest import SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, default_signals, fake_hub_cache, offline_env, run_tool
 from test_end_to_end import GREEDY
 
 CHAT = ("--interactive", *GREEDY)
@@ -93,7 +93,7 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_models):
     args = [sys.executable, str(SCRIPT), "--model_id", str(tiny_models["qwen2"]), "--interactive", "--temperature",
             "0", "--max_new_tokens", "2500", "--device", "cpu", "--verbose"]
     child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=offline_env(), text=True, bufsize=1)
+                             env=offline_env(), text=True, bufsize=1, preexec_fn=default_signals)
     child.stdin.write("Tell me a long story\n")
     child.stdin.flush()
     first = child.stdout.read(1)   # the answer has started

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import run_multimodal as rm
-from conftest import CONFIGS, ROOT, SAMPLE_IMAGE, SCRIPT, offline_env
+from conftest import CONFIGS, ROOT, SAMPLE_IMAGE, SCRIPT, default_signals, offline_env
 
 SAMPLES = ROOT / "sample_data"
 MEDIA = {"--image_path": SAMPLE_IMAGE, "--audio_path": SAMPLES / "question_16k_mono.wav",
@@ -188,7 +188,8 @@ def test_an_answer_past_the_context_window_is_cut_to_fit(workdir):
 
 def start(*args, folder: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=offline_env(), cwd=folder)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=offline_env(), cwd=folder,
+                            preexec_fn=default_signals)
 
 
 LONG = ("--prompt", "Tell me a long story", "--max_new_tokens", "3500", "--temperature", "0", "--device", "cpu")
