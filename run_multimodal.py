@@ -1287,7 +1287,7 @@ def fast_decoding_unsupported(model) -> str | None:
     except (AttributeError, IndexError, TypeError):
         return f"this model class ({type(model).__name__})"
     if config.model_type not in FAST_DECODER_TYPES:
-        return f"a {config.model_type} decoder is not one the fast decoder knows"
+        return f"a {config.model_type} decoder"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"the {config.hidden_act} activation"
     if getattr(config, "use_sliding_window", False):
@@ -1307,11 +1307,12 @@ class FastDecoder:
 
     Two ways to run a step. Exact (CPU, Apple Silicon): the model's own modules, attention over
     the filled slots, so greedy and seeded answers equal generate()'s bit for bit
-    (tests/test_fast_decode.py). Graph (CUDA): the same layer arithmetic written out with q/k/v
-    and gate/up fused into one product each, attention over all slots under a mask (one fixed
-    shape), the whole step (embedding to logits) recorded once as a CUDA graph and replayed, so
-    a token costs one launch instead of about a thousand; optionally each layer's arithmetic
-    compiled by torch.compile into a few fused kernels (one compilation serves every layer).
+    (tests/test_fast_decode.py). Fused (CUDA): the same layer arithmetic written out with q/k/v
+    and gate/up fused into one product each and attention over all slots under a mask, so every
+    step has the same shapes; the whole step (embedding to logits) is recorded once as a CUDA
+    graph and replayed, so a token costs one launch instead of about a thousand; with --compile
+    each layer's arithmetic is compiled by torch.compile into a few fused kernels (one
+    compilation serves every layer).
     generate() launches every kernel from Python and syncs with the host after each token
     (38 tokens/s for a 3B model on an H100, 8% of what its memory could deliver).
 
