@@ -1347,9 +1347,10 @@ class FastDecoder:
         scaling = getattr(decoder.rotary_emb, "attention_scaling", 1.0)
         self.cos, self.sin = (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
         self.slots = torch.arange(slots, device=device)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
-        if fused:
+        if not fused:   # transformers' own attention function, as the model's layers call it
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+        else:
             self.weights = [_fused_weights(layer) for layer in self.layers]
             self.eps, self.scaling = config.rms_norm_eps, self.layers[0].self_attn.scaling
             self.layer_in, self.layer_out = _layer_in, _layer_out
@@ -1361,16 +1362,18 @@ class FastDecoder:
         self.cuda_graph = self.logits = None
 
     def _exact_step(self, token, position, length: int):
-        """The model's own modules, attention over the `length` filled slots."""
+        """The model's own modules and functions, attention over the `length` filled slots."""
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
         x = self.decoder.embed_tokens(token)
-        cos, sin = self.cos[position][None, None], self.sin[position][None, None]
+        cos, sin = self.cos[position][None], self.sin[position][None]
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
             h = layer.input_layernorm(x)
             q = attention.q_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
             k = attention.k_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
             v = attention.v_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i].index_copy_(2, position, k)
             self.values[i].index_copy_(2, position, v)
             out, _ = self.attention(attention, q, self.keys[i][:, :, :length], self.values[i][:, :, :length], None,
@@ -1432,11 +1435,12 @@ def _layer_in(x, norm, qkv, qkv_bias, cos, sin, eps: float, shape: tuple):
     """A decoder layer up to its attention: norm, q/k/v in one product, rotary on q and k together.
     q, k, v as [1, heads, 1, head_dim]."""
     import torch
+    from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
     heads, kv_heads, head_dim = shape
     qkv = torch.nn.functional.linear(_rms_norm(x, norm, eps), qkv, qkv_bias).view(1, 1, -1, head_dim)
     qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-    qk = qk * cos + _rotate_half(qk) * sin
+    qk = qk * cos + rotate_half(qk) * sin
     return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
 
@@ -1492,13 +1496,6 @@ def _fuse(linears: list) -> tuple:
             linear.bias = torch.nn.Parameter(bias[start:start + size], requires_grad=False)
         start += size
     return weight, bias
-
-
-def _rotate_half(x):
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _cache_layers(cache, count: int):
@@ -1633,8 +1630,8 @@ def generate(model, processor, inputs, sampling: Sampling, show: str, stats: Sta
              speech: Speech | None = None, use_audio_in_video: bool = False,
              fast: bool = False, compile_layers: bool = False) -> tuple[str, object | None]:
     """Generate, printing the answer to stdout as it comes, once at the end, or not at all (--json);
-    with `speech`, the full Omni model also speaks it: (text, 24 kHz samples or None). With `fast`,
-    text answers go through the FastDecoder where transformers' decoding settings allow it (its
+    with `speech`, the full Omni model also speaks it: (text, 24 kHz samples or None). With `fast`
+    (never together with `speech`), text answers go through the FastDecoder where transformers' decoding settings allow it (its
     layers compiled on CUDA with `compile_layers`).
     Interrupted, the exception carries the text so far as `partial_text`."""
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -1646,8 +1643,8 @@ def generate(model, processor, inputs, sampling: Sampling, show: str, stats: Sta
     try:
         # Omni's positions interleave a video's sound with its pictures only when told so.
         extra = {"use_audio_in_video": True} if use_audio_in_video else {}
-        settings = _decoding_settings(model, sampling, inputs["input_ids"]) if fast and speech is None else None
-        if fast and speech is None and settings is None:
+        settings = _decoding_settings(model, sampling, inputs["input_ids"]) if fast else None
+        if fast and settings is None:
             say("🐢 These decoding settings need transformers' generate(); the fast decoder is not used")
         if settings:
             fast_generate(model, inputs, sampling, streamer, extra, settings, compile_layers)

@@ -178,3 +178,12 @@ def test_the_switch_and_what_it_says(tiny_models):
     assert "⚡ Fast decoding: a static KV cache, one step at a time" in fast.stderr
     assert "🐢 Decoding with transformers' generate() (--no_fast_decode)" in plain.stderr
     assert "16 new tokens" in fast.stderr and "16 new tokens" in plain.stderr
+
+
+def test_compile_off_nvidia_gpus_says_so_and_answers_the_same(tiny_models):
+    args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--max_new_tokens", "8",
+            "--temperature", "0", "--dtype", "float32", "--device", "cpu")
+    plain, compiled = run_tool(*args), run_tool(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "⚠️ --compile is used on NVIDIA GPUs only" in compiled.stderr
+    assert compiled.stdout == plain.stdout and compiled.stdout.strip()
