@@ -7,9 +7,10 @@ on the machine you have, with one command.
 It detects the hardware (Apple Silicon and MPS, CUDA GPUs, RAM, the CPU's bf16
 support), sizes the model exactly from its config.json, plans device, dtype,
 quantization and memory (weights, KV cache, media tokens) against the device's real
-budget before loading anything, loads through transformers with device_map="auto",
-streams the answer to stdout and says on stderr what it found, what it chose and why,
-and how fast it ran. If memory still runs out on a GPU it retries once on the CPU.
+budget before loading anything, loads through transformers, decodes with its own
+static-cache decoder, streams the answer to stdout and says on stderr what it found,
+what it chose and why, and how fast it ran. If memory still runs out on a GPU it
+retries once on the CPU.
 
     python run_multimodal.py --dry_run --hardware mps:16          # would it fit a 16 GB Mac?
     python run_multimodal.py --audio_path question.wav --image_path photo.jpg --output_audio reply.wav
@@ -18,42 +19,115 @@ and how fast it ran. If memory still runs out on a GPU it retries once on the CP
 
 Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interrupted (Ctrl-C),
 141 stdout closed by its reader, 143 terminated (SIGTERM).
+
+Code map, in the order run() calls it (sections are marked "# --- N. name ---"):
+  3  flags ............ build_parser(), options_from_args() -> Options (every flag, checked once)
+  4  media in ......... load_media() -> Media, check_modalities(), choose_speaker()
+  5  the model ........ resolve_model() -> ModelInfo, model_facts() -> ModelFacts (exact sizes)
+  6  hardware ......... detect_hardware() / simulated_hardware() -> Hardware
+  7  the plan ......... choose_plan() -> Plan: device choose_device(), dtype choose_dtype(),
+                        quantization choose_quantization(), memory estimate_memory() and place()
+  8  loading .......... load() -> Loaded: load_model(), and the decoder chosen once: choose_decoder()
+  9  a token .......... FastDecoder.logits_at() (one step), Sampler (the next token), decode_tokens()
+  10 an answer ........ generate_answer() -> Answer, streamed by a PrintingStreamer
+  11 one turn ......... answer() -> Outcome (stats, WAV written by write_wav()), with_cpu_fallback()
+  12 chat ............. chat(), its commands in CHAT_COMMANDS
+  13 self-test ........ self_test()
+  14 run .............. run(), main() (errors become one line and an exit code)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
-import gc
+import importlib
+import inspect
 import json
+import logging
 import math
 import os
 import platform
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 # torch, transformers, huggingface_hub and PIL are imported where they are first
 # needed, so that --help and usage errors answer at once.
 
+# --- 1. constants ----------------------------------------------------------------------
+
+# What the flags default to
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Omni-3B"
 DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
+DEFAULT_FPS = 2.0                      # Qwen's default: two video frames a second
+MAX_FPS = 30.0
+DEFAULT_SPEAKER = "Chelsie"
 SMALLER_MODEL_HINT = "Qwen/Qwen2.5-1.5B-Instruct"
 
-# The existing guide's size tiers, applied to the exact parameter count of what loads.
+# Exit codes (141 and 143 as a shell reports SIGPIPE and SIGTERM: 128 + the signal)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OUTPUT_CLOSED, EXIT_TERMINATED = 141, 143
+
+# The existing guide's size tiers, applied to the exact parameter count of what loads
 SMALL_MAX_PARAMETERS = 2.5e9   # "small (about 2B and under)": always MPS on Apple Silicon
 MEDIUM_MAX_PARAMETERS = 6.5e9  # "medium (3B-6B)": MPS with >= 16 GB of RAM; above: "large (7B and up)"
 MEDIUM_MPS_MIN_RAM_GB = 16
 LARGE_MPS_MIN_RAM_GB = 32
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_OUTPUT_CLOSED, EXIT_TERMINATED = 141, 143   # 128 + SIGPIPE, 128 + SIGTERM, as a shell reports them
+# The memory estimate: bytes per value, and the margin beyond weights and KV cache, stated
 GB = 1024**3
-HUB_PROBE_TIMEOUT_S = 3.0
-CHAT_TEMPLATE_TOKENS = 48       # Qwen's chat template and default system prompt, in tokens
-CUDA_CONTEXT_BYTES = GB // 2    # what a CUDA context takes from a simulated card's memory
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}   # nf4 + a float32 scale per 64 weights; int8
+FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
+ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
+ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
+PREFILL_VALUES_PER_TOKEN = 4             # x intermediate size: the MLP's widest activations at prefill
+VISION_VALUES_PER_PATCH = 64             # x vision hidden size: the image encoder's activations
+CHAT_TEMPLATE_TOKENS = 48                # Qwen's chat template and default system prompt, in tokens
+CUDA_CONTEXT_BYTES = GB // 2             # what a CUDA context takes from a simulated card's memory
 
+# Media: what Qwen's processors take
+MIN_PIXELS = 56 * 56
+MAX_ASPECT_RATIO = 200                 # the image processor refuses anything longer and thinner
+MAX_IMAGE_PIXELS = 256_000_000         # larger files are refused before decoding (PIL's bomb guard, raised)
+VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+AUDIO_SAMPLE_RATE = 16_000             # Qwen's audio encoders take 16 kHz mono
+AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
+AUDIO_WINDOW_SAMPLES = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
+
+# Speech out (Qwen2.5-Omni's talker and token2wav)
+SPEECH_SAMPLE_RATE = 24_000
+TALKER_MAX_NEW_TOKENS = 4096             # speech codes the talker may generate by default
+TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
+SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works differently: not wired up yet
+SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                        "perceiving auditory and visual inputs, as well as generating text and speech.")
+
+# Model folders and the Hub
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+# Decoding
+FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text")   # Qwen2's decoder layer, as is
+COMPILING_DEVICES = ("cuda",)   # --compile gained nothing on a CPU; on MPS torch.compile is experimental
+STREAM_LAG_TOKENS = 8           # how far an accelerator may run ahead of the text on screen
+SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
+
+# Out of memory, as the devices word it
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate",
+                         "not enough memory", "cannot allocate memory")
+
+
+# --- 2. errors and output ------------------------------------------------------------------
 
 class UsageError(Exception):
     """Bad input the user can fix (a flag, a file): exit code 2."""
@@ -63,12 +137,20 @@ class RunError(Exception):
     """A failure at run time (memory, missing package, network): exit code 1."""
 
 
-class Terminated(KeyboardInterrupt):
+class Terminated(BaseException):
     """SIGTERM: stop as Ctrl-C does (the answer so far stays printed, no half-written file)."""
 
 
-class OutputClosed(KeyboardInterrupt):
+class OutputClosed(BaseException):
     """Whoever read stdout stopped reading (`| head -c 10`): stop generating and end quietly."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while answering; `text` is the answer so far (a chat keeps it)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
 
 
 def _terminate(signum, frame) -> None:
@@ -80,7 +162,7 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _write_stdout(text: str) -> None:
+def write_stdout(text: str) -> None:
     """The answer, as it comes. If the reader has gone, stdout is pointed at /dev/null (so that
     Python's own flush at exit stays quiet too) and OutputClosed stops the run."""
     try:
@@ -93,7 +175,827 @@ def _write_stdout(text: str) -> None:
         raise OutputClosed() from None
 
 
-# --- hardware detection ---------------------------------------------------------
+def write_atomically(path: Path, write) -> None:
+    """write(temporary_path) into a temporary file in the same folder, then rename it into place, so
+    that an interrupted run never leaves a half-written file under the user's name."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# --- 3. flags ------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line naming the flag (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"Error: {message} (see --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not (low < value if low_open else low <= value) or not value <= high or value != value:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
+        return value
+    return parse
+
+
+def _hardware_spec(text: str) -> str:
+    parse_hardware_spec(text)
+    return text.strip().lower()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="run_multimodal.py", epilog="Example: python run_multimodal.py --prompt \"Describe this image\" "
+                                         "--image_path sample_data/sample_image.jpg",
+        description="Run Qwen's multimodal and text models on this machine: picks device, dtype and quantization "
+                    "from the hardware and the model's exact size, streams the answer to stdout.")
+    add = parser.add_argument_group("model and input").add_argument
+    add("--model_id", default=DEFAULT_MODEL_ID,
+        help=f"Hugging Face model id or local model folder (default: {DEFAULT_MODEL_ID})")
+    add("--prompt", help="the question or instruction; '-' reads it from stdin")
+    add("--image_path", action="append", default=[], metavar="PATH",
+        help="an image to show the model; give the flag again for more images")
+    add("--audio_path", action="append", default=[], metavar="PATH", help="a recording for the model to hear (WAV, "
+        "FLAC, OGG, MP3; any rate, any channels); repeat for more (Omni models)")
+    add("--video_path", action="append", default=[], metavar="PATH",
+        help="a video for the model to watch (MP4, MOV, WebM); repeat for more")
+    add("--fps", type=_float_in(0, MAX_FPS, low_open=True), default=DEFAULT_FPS,
+        help=f"video frames sampled per second (default: {DEFAULT_FPS:g})")
+    add("--use_audio_in_video", action="store_true",
+        help="also let an Omni model hear the videos' sound tracks, as Qwen recommends")
+    add("--system_prompt", help="replace the model's default system prompt")
+    add("--max_pixels", type=_int_at_least(MIN_PIXELS), default=DEFAULT_MAX_PIXELS,
+        help="larger images are scaled down to this many pixels; each 28x28 pixels is one token "
+             f"(default: {DEFAULT_MAX_PIXELS}, at most {DEFAULT_MAX_PIXELS // 784} tokens an image)")
+    add = parser.add_argument_group("generation").add_argument
+    add("--max_new_tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    add("--temperature", type=_float_in(0, 100, low_open=False),
+        help="sampling temperature; 0 means greedy (default: the model's own setting)")
+    add("--top_p", type=_float_in(0, 1, low_open=True), help="nucleus sampling, in (0, 1] (default: the model's own)")
+    add("--top_k", type=_int_at_least(0), help="sample among the k likeliest tokens; 0 turns it off")
+    add("--seed", type=_int_at_least(0), help="random seed, for repeatable sampling")
+    add("--no_stream", action="store_true", help="print the answer once at the end")
+    add("--no_fast_decode", action="store_true",
+        help="decode with transformers' generate() instead of the tool's static-cache decoder")
+    add("--compile", action="store_true", help="NVIDIA GPUs: compile the decoder's layers with torch.compile first "
+                                               "(seconds), then decode faster: for long answers and chats")
+    add("--output_audio", metavar="PATH",
+        help="also speak the answer into this WAV file (24 kHz mono; Qwen2.5-Omni only)")
+    add("--max_speech_seconds", type=_float_in(0, 600, low_open=True), metavar="SECONDS",
+        help=f"the longest spoken reply (default: the model's {TALKER_MAX_NEW_TOKENS} speech codes, "
+             f"{TALKER_MAX_NEW_TOKENS / TALKER_CODES_PER_SECOND:.0f} s)")
+    add("--speaker", help=f"the voice of the spoken reply (default: {DEFAULT_SPEAKER}; Qwen2.5-Omni ships Chelsie "
+                          "and Ethan)")
+    add = parser.add_argument_group("hardware").add_argument
+    add("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
+        help="where to run (default: auto, by the size policy)")
+    add("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto", help="weights' precision "
+        "(default: auto: float16 on MPS, bfloat16 on CUDA, bfloat16 or float32 on the CPU)")
+    add("--quantize", choices=("none", "4bit", "8bit"), default="none",
+        help="bitsandbytes quantization, CUDA only (default: none)")
+    add("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
+    add = parser.add_argument_group("planning, output and chat").add_argument
+    add("--dry_run", action="store_true", help="print the plan (device, dtype, memory per component, whether it "
+                                               "fits) without loading any weights; only config.json is read")
+    add("--hardware", type=_hardware_spec, metavar="SPEC",
+        help="with --dry_run: plan for another machine instead of this one: mps:16 (a Mac with 16 GB), cuda:24 or "
+             "cuda:24,24 (GPUs with that many GB), cpu:32 (32 GB of RAM, no GPU)")
+    add("--json", action="store_true", help="print one JSON object on stdout instead of the streamed answer: the "
+        "answer, the plan, the figures and a reproducibility record (with --dry_run: the plan)")
+    add("--verbose", action="store_true",
+        help="per-stage timings on stderr: load, media decode, encoding and prefill, decode, speech")
+    add("--interactive", action="store_true", help="chat: load the model once and answer message after message "
+        "(/help inside lists the commands); also when no --prompt is given and stdin is a terminal")
+    add = parser.add_argument_group("other").add_argument
+    add("--trust_remote_code", action="store_true", help="allow a model repository to run its own Python code (off "
+                                                         "by default: it runs with your permissions)")
+    add("--self_test", action="store_true", help="check this installation offline with a tiny built-in model, then exit")
+    add("--debug", action="store_true", help="show tracebacks and transformers' warnings")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick the answer's tokens; None keeps the model's own generation_config."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_new_tokens: int = 0       # benchmarks force a length; a user never needs to
+
+    def generate_kwargs(self) -> dict:
+        """Overrides of the model's generation_config; nothing given keeps the model's defaults."""
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        chosen = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+        return {**kwargs, "do_sample": True, **chosen} if chosen else kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything the flags ask for, checked and derived once (options_from_args)."""
+    model_id: str = DEFAULT_MODEL_ID
+    prompt: str | None = None            # read from stdin for '-'; None in a chat without a first message
+    image_paths: tuple[str, ...] = ()
+    audio_paths: tuple[str, ...] = ()
+    video_paths: tuple[str, ...] = ()
+    fps: float = DEFAULT_FPS
+    use_audio_in_video: bool = False
+    system_prompt: str | None = None     # the user's, or Qwen's own for speech; None keeps the template's
+    custom_system_prompt: bool = False   # --system_prompt was given
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sampling: Sampling = Sampling()
+    seed: int | None = None
+    show: str = SHOW_STREAM              # SHOW_STREAM, SHOW_ONCE (--no_stream) or SHOW_NONE (--json)
+    fast_decode: bool = True             # --no_fast_decode turns it off
+    compile_layers: bool = False         # --compile
+    output_audio: Path | None = None
+    speaker: str | None = None
+    speech_codes: int = TALKER_MAX_NEW_TOKENS   # the most speech codes the talker may generate
+    device: str = "auto"                 # auto, mps, cuda, cpu
+    dtype: str = "auto"                  # auto, float16, bfloat16, float32
+    quantize: str = "none"               # none, 4bit, 8bit
+    force_cpu: bool = False
+    dry_run: bool = False
+    hardware: str | None = None          # --hardware SPEC, a machine to plan for
+    json: bool = False
+    verbose: bool = False
+    interactive: bool = False
+    trust_remote_code: bool = False
+    self_test: bool = False
+    debug: bool = False
+
+    @property
+    def speech(self) -> bool:
+        """An Omni model speaks the answer too: the talker and token2wav load."""
+        return self.output_audio is not None
+
+    @property
+    def forced(self) -> bool:
+        """The user chose the device: the plan warns instead of choosing another."""
+        return self.force_cpu or self.device != "auto"
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """The flags as Options: contradictions refused, the prompt read, derived values computed once."""
+    check_flags(args)
+    one_shot = args.dry_run or args.json or args.output_audio   # flags that only make sense for one answer
+    interactive = not args.self_test and (
+        args.interactive or (args.prompt is None and not one_shot and sys.stdin.isatty()))
+    prompt = None if args.self_test or (interactive and args.prompt is None) else read_prompt(args)
+    speech = bool(args.output_audio)
+    derived = dict(
+        prompt=prompt, interactive=interactive, image_paths=tuple(args.image_path), audio_paths=tuple(args.audio_path),
+        video_paths=tuple(args.video_path), custom_system_prompt=bool(args.system_prompt),
+        system_prompt=args.system_prompt or (SPEECH_SYSTEM_PROMPT if speech else None),
+        sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
+        show=SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM,
+        fast_decode=not args.no_fast_decode, compile_layers=args.compile,
+        output_audio=Path(args.output_audio).expanduser() if speech else None,
+        speech_codes=math.ceil(args.max_speech_seconds * TALKER_CODES_PER_SECOND) if args.max_speech_seconds
+        else TALKER_MAX_NEW_TOKENS)
+    same = {field.name: getattr(args, field.name) for field in dataclasses.fields(Options)
+            if field.name not in derived and hasattr(args, field.name)}   # --device is Options.device, ...
+    return Options(**same, **derived)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, caught before anything else happens."""
+    if args.force_cpu and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
+    if args.quantize != "none" and (args.force_cpu or args.device in ("cpu", "mps")):
+        where = "--force_cpu" if args.force_cpu else f"--device {args.device}"
+        raise UsageError(f"--quantize {args.quantize} conflicts with {where}: bitsandbytes quantization runs on "
+                         "NVIDIA GPUs only" + (" (never on Apple Silicon)" if args.device == "mps" else "")
+                         + "; drop one of them")
+    if args.hardware and not args.dry_run:
+        raise UsageError("--hardware describes another machine, so it works only with --dry_run")
+    if args.interactive:
+        for flag in ("json", "output_audio", "dry_run"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
+    if args.use_audio_in_video and not args.video_path:
+        raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
+    for flag in ("speaker", "max_speech_seconds"):
+        if getattr(args, flag) and not args.output_audio:
+            raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav")
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt is None:
+        if args.dry_run:
+            return None
+        raise UsageError("--prompt is required (or --prompt - to read it from stdin)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("--prompt is empty; give the question or instruction to answer")
+    return prompt.strip()
+
+
+# --- 4. media in ---------------------------------------------------------------------------
+
+def _require(module: str, package: str, flag: str):
+    """Import a media library, or say which package the flag needs (a partial install, a pinned env)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RunError(f"{flag} needs the {package} package: pip install {package} "
+                       "(or pip install -r requirements.txt)") from exc
+
+
+def _readable_file(flag: str, path: str, what: str) -> Path:
+    """The file behind a media flag, or a UsageError that names the flag and the problem."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise UsageError(f"{flag} {path}: file not found; check the path")
+    if file.is_dir():
+        raise UsageError(f"{flag} {path}: this is a folder; give {what}")
+    if not os.access(file, os.R_OK):
+        raise UsageError(f"{flag} {path}: permission denied; make the file readable")
+    if file.stat().st_size == 0:
+        raise UsageError(f"{flag} {path}: the file is empty; give {what}")
+    return file
+
+
+def load_image(path: str, flag: str = "--image_path"):
+    """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    file = _readable_file(flag, path, "an image file")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS   # PIL's own guard refuses over 179 MP, as a "bomb"
+    try:
+        with Image.open(file) as image:
+            image.load()
+            picture = ImageOps.exif_transpose(image).convert("RGB")
+    except PermissionError as exc:
+        raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
+    except Image.DecompressionBombError as exc:
+        raise UsageError(f"{flag} {path}: more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, which this tool does "
+                         "not open (the model sees at most about 1 megapixel); scale it down first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
+                         "check that the file is a complete picture") from exc
+    width, height = picture.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UsageError(f"{flag} {path}: {width} x {height} pixels is too long and thin for Qwen's image "
+                         f"processor (at most {MAX_ASPECT_RATIO}:1); crop it")
+    return picture
+
+
+def load_audio(path: str, flag: str = "--audio_path"):
+    """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
+    import numpy as np
+    soundfile = _require("soundfile", "soundfile", flag)
+    soxr = _require("soxr", "soxr", flag)
+    file = _readable_file(flag, path, "an audio file")
+    with open(file, "rb") as handle:   # libsndfile reads a cut-short WAV as if it were whole
+        head = handle.read(12)
+    declared = int.from_bytes(head[4:8], "little") + 8 if head[:4] == b"RIFF" and head[8:12] == b"WAVE" else 0
+    if declared > file.stat().st_size:
+        raise UsageError(f"{flag} {path}: the file is cut short ({file.stat().st_size:,} of the {declared:,} bytes "
+                         "its header promises); check that the file is a complete recording")
+    try:
+        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
+                         "check that the file is a complete recording") from exc
+    if samples.shape[0] == 0:
+        raise UsageError(f"{flag} {path}: the recording has no samples; give one with sound in it")
+    mono = samples.mean(axis=1)
+    if rate != AUDIO_SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, AUDIO_SAMPLE_RATE)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def audio_pieces(samples, what: str) -> list:
+    """A recording cut into the audio processor's 30 s windows, which would otherwise keep only the first."""
+    pieces = [samples[start:start + AUDIO_WINDOW_SAMPLES] for start in range(0, len(samples), AUDIO_WINDOW_SAMPLES)]
+    if len(pieces) > 1:
+        say(f"🎧 {what} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as {len(pieces)} "
+            f"pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")
+    return pieces
+
+
+@dataclasses.dataclass
+class Video:
+    frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
+    fps: float                # frames sampled per second of the clip
+    audio: object | None      # its sound track as 16 kHz mono float32, when asked for
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path") -> Video:
+    """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
+    import numpy as np
+    av = _require("av", "av", flag)
+    file = _readable_file(flag, path, "a video file")
+    frames, audio = [], None
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.video:
+                raise UsageError(f"{flag} {path}: this file has no video track; give a video "
+                                 "(or pass a sound file with --audio_path)")
+            stream = container.streams.video[0]
+            rate, next_time = float(stream.average_rate or 25), 0.0
+            for index, frame in enumerate(container.decode(stream)):
+                if (frame.time if frame.time is not None else index / rate) + 1e-6 >= next_time:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    next_time += 1 / fps
+        if with_audio:
+            with av.open(str(file)) as container:
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+                chunks = [out.to_ndarray().reshape(-1) for stream in container.streams.audio[:1]
+                          for frame in container.decode(stream) for out in resampler.resample(frame)]
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)] if chunks else []
+            if not chunks:
+                raise UsageError(f"{flag} {path}: this video has no sound track; drop --use_audio_in_video "
+                                 "or this video")
+            audio = np.concatenate(chunks)
+    except (av.FFmpegError, ValueError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable video (MP4, MOV, WebM, ...); "
+                         "check that the file is complete") from exc
+    if not frames:
+        raise UsageError(f"{flag} {path}: no frame could be decoded; the file looks truncated")
+    if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
+        frames.append(frames[-1])
+    return Video(np.stack(frames), fps, audio)
+
+
+@dataclasses.dataclass
+class Media:
+    """Decoded inputs, in the order they appear in the user's turn: videos, images, audio."""
+    images: list = dataclasses.field(default_factory=list)
+    audios: list = dataclasses.field(default_factory=list)
+    videos: list = dataclasses.field(default_factory=list)   # Video objects
+    use_audio_in_video: bool = False
+    decode_s: float = 0.0
+
+
+def load_media(options: Options) -> Media:
+    """Every media file decoded (and so checked) before any model is loaded."""
+    start = time.perf_counter()
+    media = Media(images=[load_image(path) for path in options.image_paths],
+                  videos=[load_video(path, options.fps, options.use_audio_in_video) for path in options.video_paths],
+                  use_audio_in_video=options.use_audio_in_video)
+    for path, image in zip(options.image_paths, media.images):
+        width, height = image.size
+        if width * height > options.max_pixels:
+            say(f"🖼️ --image_path {path}: {width} x {height} pixels is scaled down to about "
+                f"{options.max_pixels / 1e6:.1f} megapixels for the model (--max_pixels {options.max_pixels})")
+    for path in options.audio_paths:
+        media.audios += audio_pieces(load_audio(path), f"--audio_path {path}")
+    for path, video in zip(options.video_paths, media.videos):
+        if options.use_audio_in_video and len(video.audio) > AUDIO_WINDOW_SAMPLES:
+            say(f"⚠️ --video_path {path}: only the first {AUDIO_WINDOW_SECONDS} s of its sound track is heard")
+    if options.image_paths or options.audio_paths or options.video_paths:
+        media.decode_s = time.perf_counter() - start
+    return media
+
+
+def check_modalities(options: Options, info: ModelInfo) -> None:
+    """A model that cannot take an input (or cannot speak) is told before anything loads."""
+    what = "a text-only model" if info.kind == "text" else "a vision-language model"
+    for flag, given, able, cannot, hint in (
+            ("--image_path", options.image_paths, "image" in info.inputs, "see images", "a vision model"),
+            ("--video_path", options.video_paths, "video" in info.inputs, "watch video", "an Omni model"),
+            ("--audio_path" if options.audio_paths else "--use_audio_in_video",
+             options.audio_paths or options.use_audio_in_video, "audio" in info.inputs, "hear audio", "an Omni model"),
+            ("--output_audio", options.speech, info.kind == "omni", "speak", "an Omni model")):
+        if given and not able:
+            raise UsageError(f"{flag}: {options.model_id} is {what} and cannot {cannot}; drop {flag} or use {hint} "
+                             f"such as {DEFAULT_MODEL_ID}")
+    if options.speech and info.model_type not in SPEAKING_MODEL_TYPES:
+        raise UsageError(f"--output_audio: speaking with {info.model_type} models is not supported yet (their "
+                         f"text answers are); drop --output_audio or use {DEFAULT_MODEL_ID}")
+
+
+def read_speakers(info: ModelInfo) -> list[str]:
+    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
+    import torch
+    path = Path(info.model_id).expanduser() / "spk_dict.pt"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+        try:
+            path = Path(hf_hub_download(info.model_id, "spk_dict.pt", local_files_only=info.local_only))
+        except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
+            raise RunError(f"--output_audio: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
+                           "use a complete Qwen2.5-Omni checkpoint") from exc
+    # weights_only: a speaker file holds tensors and names, never code to run.
+    try:
+        return list(torch.load(path, weights_only=True, map_location="cpu"))
+    except Exception as exc:
+        raise RunError(f"--output_audio: {path} holds more than voices (objects or code that PyTorch will not "
+                       "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Speech:
+    speaker: str
+    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
+    min_codes: int = 0                       # benchmarks force a length; a user never needs to
+
+
+def choose_speaker(options: Options, info: ModelInfo) -> Speech:
+    """The voice of a spoken reply, checked against the checkpoint's own before loading."""
+    voices = read_speakers(info)
+    speaker = options.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
+    if speaker not in voices:
+        raise UsageError(f"--speaker {options.speaker}: not a voice of {options.model_id}; choose one of "
+                         + ", ".join(voices))
+    if options.custom_system_prompt:
+        say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
+            "come without speech")
+    return Speech(speaker, max_codes=options.speech_codes)
+
+
+def check_output_audio(file: Path) -> Path:
+    """Where the spoken reply goes: checked before the model loads, so a typo costs nothing."""
+    _require("soundfile", "soundfile", "--output_audio")   # it writes the WAV, after all the work
+    if file.is_dir():
+        raise UsageError(f"--output_audio {file}: this is a folder; give a file name such as reply.wav")
+    folder = file.parent
+    if not folder.is_dir():
+        raise UsageError(f"--output_audio {file}: the folder {folder} does not exist; create it first")
+    try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
+        handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--output_audio {file}: cannot write in {folder} ({exc.strerror}); choose a folder "
+                         "you can write to") from exc
+    return file
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the prompt and its media amount to, for the memory estimate."""
+    text_tokens: int = 64                            # estimated before any tokenizer is loaded
+    image_sizes: tuple[tuple[int, int], ...] = ()    # (width, height) of each image
+    audio_seconds: tuple[float, ...] = ()            # length of each recording (and video sound track heard)
+    videos: tuple[tuple[int, int, int], ...] = ()    # (frames sampled, width, height) of each video
+
+
+def workload_of(options: Options, media: Media | None = None) -> Workload:
+    """The prompt's tokens (Qwen's tokenizer gives about one per 4 bytes of English; count one per 2
+    bytes, for CJK and code, plus the chat template's own) and the media's sizes."""
+    media = media or Media()
+    audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
+    if media.use_audio_in_video:
+        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos]
+    text = (options.prompt or "") + (options.system_prompt or "")
+    return Workload(text_tokens=math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS,
+                    image_sizes=tuple(image.size for image in media.images), audio_seconds=tuple(audio),
+                    videos=tuple((len(v.frames), *v.size) for v in media.videos))
+
+
+def build_messages(prompt: str, system_prompt: str | None, media: Media, kind: str) -> list[dict]:
+    """A chat in transformers' format; media go in the user turn before the text (each video's
+    item keeps its Video, so that a conversation's media can be read back from its messages)."""
+    messages = []
+    if kind == "text":
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        return messages
+    if system_prompt:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    content = [{"type": "video", "video": video.frames, "clip": video} for video in media.videos]
+    content += [{"type": "image", "image": image} for image in media.images]
+    content += [{"type": "audio", "audio": audio} for audio in media.audios]
+    content.append({"type": "text", "text": prompt})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def media_of(messages: list[dict], use_audio_in_video: bool) -> Media:
+    """The media of a conversation, in the order its messages carry them."""
+    media = Media(use_audio_in_video=use_audio_in_video)
+    for message in messages:
+        for item in message["content"] if isinstance(message["content"], list) else ():
+            if item["type"] == "image":
+                media.images.append(item["image"])
+            elif item["type"] == "audio":
+                media.audios.append(item["audio"])
+            elif item["type"] == "video":
+                media.videos.append(item["clip"])
+    return media
+
+
+def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None):
+    """Chat template and media through the processor; tensors on the model's device."""
+    if media is None or not (media.audios or media.videos):
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        return inputs.to(device)
+    # Audio and video were decoded here (soundfile + soxr, PyAV), so the processor gets arrays.
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs: dict = {"text": [text], "return_tensors": "pt"}
+    if media.images:
+        kwargs["images"] = media.images
+    audio, slots = list(media.audios), [None] * len(media.audios)
+    if media.videos:
+        kwargs["videos"] = [video.frames for video in media.videos]
+        kwargs["videos_kwargs"] = {"fps": media.videos[0].fps}
+        if media.use_audio_in_video:
+            # Each video's sound goes with its pictures, interleaved in time (Qwen's recommendation);
+            # the sound tracks come first in the list, as the videos come first in the turn.
+            audio = [video.audio for video in media.videos] + audio
+            slots = list(range(len(media.videos))) + slots
+            if hasattr(processor, "_resolve_audio_from_video"):   # newer transformers: slots say whose sound
+                kwargs.update(load_audio_from_video=True, audio_from_video_indices=slots)
+            else:                                                 # 5.17: each video takes the next recording
+                kwargs["videos_kwargs"]["use_audio_in_video"] = True
+    if audio:
+        kwargs["audio"] = audio
+    return processor(**kwargs).to(device)
+
+
+# --- 5. the model: where it is, what it takes, how big it is -----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What config.json says, read without torch."""
+    model_id: str
+    model_type: str
+    kind: str                 # "omni" (thinker + talker), "multimodal" or "text"
+    inputs: frozenset[str]    # among "text", "image", "audio", "video"
+    path: str = ""            # the folder the files come from (a Hub snapshot for a Hub id)
+    revision: str = ""        # the Hub commit of that snapshot; empty for a local folder
+    local_only: bool = False  # the Hub is not to be asked (offline, or unreachable): the cache only
+
+
+def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "",
+                           local_only: bool = False) -> ModelInfo:
+    """Classify a checkpoint from its config.json: what it takes in and how it loads."""
+    model_type = str(config.get("model_type", ""))
+    inner = config.get("thinker_config", config)
+    inputs = {"text"}
+    if "vision_config" in inner:
+        inputs |= {"image", "video"}
+    if "audio_config" in inner:
+        inputs.add("audio")
+    if "thinker_config" in config:
+        kind = "omni"
+    elif inputs != {"text"}:
+        kind = "multimodal"
+    else:
+        kind = "text"
+    return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only)
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One quick TCP connection to the Hub, so an offline machine does not sit through retries."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(model_id: str) -> ModelInfo:
+    """Find config.json: in a local folder, in the Hugging Face cache, or on the Hub."""
+    path = Path(model_id).expanduser()
+    local_only = False
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"--model_id {model_id}: this folder has no config.json; "
+                             "point it at a model folder (one that holds config.json and the weights)")
+    elif path.exists():
+        raise UsageError(f"--model_id {model_id}: this is a file; give a model folder or a Hugging Face id "
+                         f"such as {DEFAULT_MODEL_ID}")
+    elif model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id:
+        raise UsageError(f"--model_id {model_id}: no such folder; check the path")
+    else:
+        config_path, local_only = _hub_config(model_id)
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
+                         "the model folder looks damaged") from exc
+    folder = config_path.parent.resolve()
+    revision = folder.name if folder.parent.name == "snapshots" and not path.is_dir() else ""
+    return model_info_from_config(model_id, config, str(folder), revision, local_only)
+
+
+def _hub_config(repo_id: str) -> tuple[Path, bool]:
+    """(config.json of a Hub model, whether the cache alone is to be used): from the cache when
+    offline or when the Hub does not answer at once, downloaded otherwise."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    local_only = constants.HF_HUB_OFFLINE
+    if not local_only and not hub_reachable(constants.ENDPOINT):
+        say(f"📴 {constants.ENDPOINT} cannot be reached: using the local Hugging Face cache only")
+        local_only = True
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", local_files_only=local_only)), local_only
+    except HFValidationError as exc:
+        raise UsageError(f"--model_id {repo_id}: neither a local folder nor a valid Hugging Face id "
+                         f"(like {DEFAULT_MODEL_ID})") from exc
+    except GatedRepoError as exc:
+        raise RunError(f"--model_id {repo_id}: this model is gated; accept its terms on huggingface.co "
+                       "and log in with `hf auth login`") from exc
+    except RepositoryNotFoundError as exc:
+        raise UsageError(f"--model_id {repo_id}: no such model on the Hugging Face Hub; check the spelling "
+                         "(private models need `hf auth login`)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise RunError(f"--model_id {repo_id}: not in the Hugging Face cache and the Hub cannot be reached; "
+                       "connect to the internet once to download it, or pass a local model folder") from exc
+
+
+def check_model_folder(model_id: str) -> None:
+    """A local model folder holds weights and a tokenizer: said before anything loads. (A dry run
+    needs only config.json; a Hub id downloads what it lacks.)"""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise UsageError(f"--model_id {model_id}: this folder has no weights (model.safetensors or "
+                         "model-00001-of-0000N.safetensors); copy the whole model repository into it")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"--model_id {model_id}: this folder has no tokenizer (tokenizer.json, "
+                         "tokenizer_config.json); copy the whole model repository into it")
+
+
+def quiet_libraries(debug: bool) -> None:
+    """transformers' and accelerate's warnings and loading bars say nothing a user can act on;
+    the tool says what matters in its own words (--debug shows the warnings again)."""
+    import transformers
+
+    from huggingface_hub.utils import enable_progress_bars
+    if not debug:
+        transformers.logging.set_verbosity_error()
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+    transformers.logging.disable_progress_bar()   # "Loading weights" bars (it turns the Hub's off too)
+    enable_progress_bars()                         # downloads keep theirs: a first run fetches gigabytes
+
+
+def load_config(info: ModelInfo, trust_remote_code: bool):
+    """transformers' config object, with its errors turned into messages."""
+    from transformers import AutoConfig
+    try:   # by id, not the cached file, so that a model's own code files come along with --trust_remote_code
+        return AutoConfig.from_pretrained(info.model_id, trust_remote_code=trust_remote_code,
+                                          local_files_only=info.local_only)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(f"--model_id {info.model_id}: this model ships its own Python code, which would run "
+                             "on your machine; pass --trust_remote_code only if you trust its authors") from exc
+        import transformers
+        raise RunError(f"--model_id {info.model_id}: model type '{info.model_type}' is not known to "
+                       f"transformers {transformers.__version__}; upgrade it with "
+                       "`pip install -U transformers`") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionFacts:
+    patch_size: int          # pixels per patch side (14)
+    merge_size: int          # patches merged per token side (2): one token covers 28 x 28 pixels
+    hidden_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs to know about a model: exact counts from its config, on the meta device."""
+    model_id: str
+    kind: str
+    parameters: dict[str, int]      # component -> parameters, tied weights once ("model" unless Omni)
+    quantizable: dict[str, int]     # component -> parameters in the Linear layers bitsandbytes would quantize
+    kv_elements_per_token: int      # keys + values of every layer of the language model, for one token
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    talker_kv_elements_per_token: int = 0
+    vision: VisionFacts | None = None
+    context_window: int | None = None   # the language model's max_position_embeddings
+    meta_model: object = dataclasses.field(default=None, compare=False, repr=False)   # for accelerate's placement
+
+    @property
+    def total(self) -> int:
+        return sum(self.parameters.values())
+
+
+def _kv_elements(text_config) -> int:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim
+
+
+def _meta_model(config, info: ModelInfo, trust_remote_code: bool):
+    """The model built on the meta device: its shapes without weights or memory."""
+    from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
+    model_class = _model_class(info, thinker_only=False)
+    try:
+        with init_empty_weights(), no_init_weights():
+            model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:   # a config transformers knows, but not as a model it can generate with
+        import transformers
+        raise RunError(f"--model_id {info.model_id}: transformers {transformers.__version__} cannot generate "
+                       f"text with a '{info.model_type}' model ({model_class.__name__}); "
+                       "try `pip install -U transformers`") from exc
+    model.tie_weights()   # tied embeddings are one tensor: count them once
+    return model
+
+
+def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
+    """Exact parameter counts and cache sizes from the config alone (no weights, no memory)."""
+    import torch
+    model = _meta_model(config, info, trust_remote_code)
+    children = dict(model.named_children()) if info.kind == "omni" else {"model": model}
+    parameters, quantizable = {}, {}
+    for name, child in children.items():
+        parameters[name] = sum(p.numel() for p in child.parameters())
+        # bitsandbytes quantizes Linear layers and keeps the output head in the compute dtype.
+        output = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
+        quantizable[name] = sum(p.numel() for module in child.modules()
+                                if isinstance(module, torch.nn.Linear) and module is not output
+                                for p in module.parameters(recurse=False))
+    inner = getattr(config, "thinker_config", config)
+    text = inner.get_text_config()
+    vision = getattr(inner, "vision_config", None)
+    talker = getattr(config, "talker_config", None)
+    talker = getattr(talker, "text_config", None) or talker   # Qwen3-Omni nests the talker's language model
+    return ModelFacts(
+        model_id=info.model_id, kind=info.kind, parameters=parameters, quantizable=quantizable,
+        kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
+        context_window=getattr(text, "max_position_embeddings", None),
+        vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
+        if vision is not None else None, meta_model=model)
+
+
+def _model_class(info: ModelInfo, thinker_only: bool):
+    """The transformers class that loads this checkpoint."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForMultimodalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+    if info.kind == "text":
+        return AutoModelForCausalLM
+    if thinker_only:
+        # Omni without speech: the thinker alone, straight from the full checkpoint.
+        return getattr(transformers, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[f"{info.model_type}_thinker"])
+    return AutoModelForMultimodalLM
+
+
+def format_count(n: int) -> str:
+    """1.54 B, 243.9 M, 98.3 K: parameter counts for people."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def describe_model(info: ModelInfo, facts: ModelFacts, components: tuple[str, ...]) -> str:
+    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(facts.total)} parameters"
+    if info.kind == "omni" and "talker" not in components and len(facts.parameters) > 1:
+        others = " and ".join(name for name in facts.parameters if name != "thinker")
+        line += (f"; loading the thinker only ({format_count(facts.parameters['thinker'])}): no speech output "
+                 f"was asked for, so the {others} stay on disk")
+    return line
+
+
+# --- 6. hardware ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class CudaDevice:
@@ -137,6 +1039,13 @@ def cpu_has_native_bf16(system: str, machine: str, cpuinfo: str = "", sysctl_bf1
     return "bf16" in words                 # ARM Linux "Features" line
 
 
+def _sysctl(name: str) -> str:
+    try:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _read_cpu_bf16(system: str, machine: str) -> bool:
     cpuinfo = sysctl = ""
     if system == "Linux":
@@ -145,20 +1054,19 @@ def _read_cpu_bf16(system: str, machine: str) -> bool:
         except OSError:
             pass
     elif system == "Darwin":
-        import subprocess
-        try:
-            sysctl = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True,
-                                    text=True, timeout=5).stdout
-        except (OSError, subprocess.SubprocessError):
-            pass
+        sysctl = _sysctl("hw.optional.arm.FEAT_BF16")
     return cpu_has_native_bf16(system, machine, cpuinfo, sysctl)
+
+
+def _has_bitsandbytes() -> bool:
+    from transformers.utils import is_bitsandbytes_available
+    return is_bitsandbytes_available()
 
 
 def detect_hardware() -> Hardware:
     """Look at this machine: OS, CPU, RAM, MPS and CUDA."""
     import psutil
     import torch
-
     system, machine = platform.system(), platform.machine()
     memory = psutil.virtual_memory()
     mps_built = torch.backends.mps.is_built()
@@ -179,11 +1087,6 @@ def detect_hardware() -> Hardware:
                     cpu_bf16=_read_cpu_bf16(system, machine), ram_total=memory.total,
                     ram_available=memory.available, mps_built=mps_built, mps_available=mps_available,
                     metal_budget=metal_budget, cuda=tuple(cuda), bitsandbytes=_has_bitsandbytes())
-
-
-def _has_bitsandbytes() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def parse_hardware_spec(spec: str) -> tuple[str, tuple[float, ...]]:
@@ -243,294 +1146,15 @@ def describe_hardware(hw: Hardware) -> list[str]:
     return lines
 
 
-# --- the model: where it is, what it takes, how big it is ---------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What config.json says, read without torch."""
-    model_id: str
-    model_type: str
-    kind: str                 # "omni" (thinker + talker), "multimodal" or "text"
-    inputs: frozenset[str]    # among "text", "image", "audio", "video"
-    path: str = ""            # the folder the files come from (a Hub snapshot for a Hub id)
-    revision: str = ""        # the Hub commit of that snapshot; empty for a local folder
+def check_device_available(hw: Hardware, options: Options) -> None:
+    if options.device == "cuda" and not hw.cuda:
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device auto or --device cpu")
+    if options.device == "mps" and not hw.mps_available:
+        raise UsageError("--device mps: MPS is not available here (it needs Apple Silicon and macOS 12.3+); "
+                         "use --device auto or --device cpu")
 
 
-def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "") -> ModelInfo:
-    """Classify a checkpoint from its config.json: what it takes in and how it loads."""
-    model_type = str(config.get("model_type", ""))
-    inner = config.get("thinker_config", config)
-    inputs = {"text"}
-    if "vision_config" in inner:
-        inputs |= {"image", "video"}
-    if "audio_config" in inner:
-        inputs.add("audio")
-    if "thinker_config" in config:
-        kind = "omni"
-    elif inputs != {"text"}:
-        kind = "multimodal"
-    else:
-        kind = "text"
-    return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision)
-
-
-def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One quick TCP connection to the Hub, so an offline machine does not sit through retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def resolve_model(model_id: str) -> ModelInfo:
-    """Find config.json: in a local folder, in the Hugging Face cache, or on the Hub."""
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise UsageError(f"--model_id {model_id}: this folder has no config.json; "
-                             "point it at a model folder (one that holds config.json and the weights)")
-    elif path.exists():
-        raise UsageError(f"--model_id {model_id}: this is a file; give a model folder or a Hugging Face id "
-                         f"such as {DEFAULT_MODEL_ID}")
-    elif model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id:
-        raise UsageError(f"--model_id {model_id}: no such folder; check the path")
-    else:
-        config_path = _hub_config(model_id)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
-                         "the model folder looks damaged") from exc
-    folder = config_path.parent.resolve()
-    revision = folder.name if folder.parent.name == "snapshots" and not path.is_dir() else ""
-    return model_info_from_config(model_id, config, str(folder), revision)
-
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def check_model_folder(model_id: str) -> None:
-    """A local model folder holds weights and a tokenizer: said before anything loads. (A dry run
-    needs only config.json; a Hub id downloads what it lacks.)"""
-    folder = Path(model_id).expanduser()
-    if not folder.is_dir():
-        return
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
-        raise UsageError(f"--model_id {model_id}: this folder has no weights (model.safetensors or "
-                         "model-00001-of-0000N.safetensors); copy the whole model repository into it")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UsageError(f"--model_id {model_id}: this folder has no tokenizer (tokenizer.json, "
-                         "tokenizer_config.json); copy the whole model repository into it")
-
-
-def _hub_config(repo_id: str) -> Path:
-    """config.json of a Hub model: from the cache when offline, downloaded otherwise."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").upper() not in ("1", "ON", "YES", "TRUE"):
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        if not hub_reachable(endpoint):
-            say(f"📴 {endpoint} cannot be reached: using the local Hugging Face cache only")
-            os.environ["HF_HUB_OFFLINE"] = "1"   # read by huggingface_hub when it is first imported
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-    try:
-        return Path(hf_hub_download(repo_id, "config.json"))
-    except HFValidationError as exc:
-        raise UsageError(f"--model_id {repo_id}: neither a local folder nor a valid Hugging Face id "
-                         f"(like {DEFAULT_MODEL_ID})") from exc
-    except GatedRepoError as exc:
-        raise RunError(f"--model_id {repo_id}: this model is gated; accept its terms on huggingface.co "
-                       "and log in with `hf auth login`") from exc
-    except RepositoryNotFoundError as exc:
-        raise UsageError(f"--model_id {repo_id}: no such model on the Hugging Face Hub; check the spelling "
-                         "(private models need `hf auth login`)") from exc
-    except LocalEntryNotFoundError as exc:
-        raise RunError(f"--model_id {repo_id}: not in the Hugging Face cache and the Hub cannot be reached; "
-                       "connect to the internet once to download it, or pass a local model folder") from exc
-
-
-def _quiet_libraries(debug: bool) -> None:
-    """transformers' and accelerate's warnings and loading bars say nothing a user can act on;
-    the tool says what matters in its own words (--debug shows the warnings again)."""
-    import logging
-
-    import transformers
-
-    from huggingface_hub.utils import enable_progress_bars
-
-    if not debug:
-        transformers.logging.set_verbosity_error()
-        logging.getLogger("accelerate").setLevel(logging.ERROR)
-    transformers.logging.disable_progress_bar()   # "Loading weights" bars (it turns the Hub's off too)
-    enable_progress_bars()                         # downloads keep theirs: a first run fetches gigabytes
-
-
-def load_config(info: ModelInfo, trust_remote_code: bool):
-    """transformers' config object, with its errors turned into messages."""
-    from transformers import AutoConfig
-
-    try:   # by id, not the cached file, so that a model's own code files come along with --trust_remote_code
-        return AutoConfig.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise UsageError(f"--model_id {info.model_id}: this model ships its own Python code, which would run "
-                             "on your machine; pass --trust_remote_code only if you trust its authors") from exc
-        import transformers
-        raise RunError(f"--model_id {info.model_id}: model type '{info.model_type}' is not known to "
-                       f"transformers {transformers.__version__}; upgrade it with "
-                       "`pip install -U transformers`") from exc
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionFacts:
-    patch_size: int          # pixels per patch side (14)
-    merge_size: int          # patches merged per token side (2): one token covers 28 x 28 pixels
-    hidden_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFacts:
-    """What the plan needs to know about a model: exact counts from its config, on the meta device."""
-    model_id: str
-    kind: str
-    parameters: dict[str, int]      # component -> parameters, tied weights once ("model" unless Omni)
-    quantizable: dict[str, int]     # component -> parameters in the Linear layers bitsandbytes would quantize
-    kv_elements_per_token: int      # keys + values of every layer of the language model, for one token
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    talker_kv_elements_per_token: int = 0
-    vision: VisionFacts | None = None
-    context_window: int | None = None   # the language model's max_position_embeddings
-
-    @property
-    def total(self) -> int:
-        return sum(self.parameters.values())
-
-
-def _kv_elements(text_config) -> int:
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    return 2 * text_config.num_hidden_layers * kv_heads * head_dim
-
-
-def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
-    """Exact parameter counts and cache sizes from the config alone (no weights, no memory)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers.initialization import no_init_weights
-
-    model_class = _model_class(info, thinker_only=False)
-    try:
-        with init_empty_weights(), no_init_weights():
-            model = model_class.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as exc:   # a config transformers knows, but not as a model it can generate with
-        import transformers
-        raise RunError(f"--model_id {info.model_id}: transformers {transformers.__version__} cannot generate "
-                       f"text with a '{info.model_type}' model ({model_class.__name__}); "
-                       "try `pip install -U transformers`") from exc
-    model.tie_weights()   # tied embeddings are one tensor: count them once
-    children = dict(model.named_children()) if info.kind == "omni" else {"model": model}
-    parameters, quantizable = {}, {}
-    for name, child in children.items():
-        parameters[name] = sum(p.numel() for p in child.parameters())
-        # bitsandbytes quantizes Linear layers and keeps the output head in the compute dtype.
-        output = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
-        quantizable[name] = sum(p.numel() for module in child.modules()
-                                if isinstance(module, torch.nn.Linear) and module is not output
-                                for p in module.parameters(recurse=False))
-    inner = getattr(config, "thinker_config", config)
-    text = inner.get_text_config()
-    vision = getattr(inner, "vision_config", None)
-    talker = getattr(config, "talker_config", None)
-    talker = getattr(talker, "text_config", None) or talker   # Qwen3-Omni nests the talker's language model
-    return ModelFacts(
-        model_id=info.model_id, kind=info.kind, parameters=parameters, quantizable=quantizable,
-        kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
-        talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
-        context_window=getattr(text, "max_position_embeddings", None),
-        vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
-        if vision is not None else None)
-
-
-def format_count(n: int) -> str:
-    """1.54 B, 243.9 M, 98.3 K: parameter counts for people."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'B' else 1}f} {unit}"
-    return str(n)
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / GB:.2f} GB"
-
-
-def _model_class(info: ModelInfo, thinker_only: bool):
-    """The transformers class that loads this checkpoint."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForMultimodalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
-
-    if info.kind == "text":
-        return AutoModelForCausalLM
-    if thinker_only:
-        # Omni without speech: the thinker alone, straight from the full checkpoint.
-        return getattr(transformers, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[f"{info.model_type}_thinker"])
-    return AutoModelForMultimodalLM
-
-
-# --- the plan: device, dtype, quantization, memory, and why ----------------------------
-
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}   # nf4 + a float32 scale per 64 weights; int8
-FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28    # Qwen's recommended image budget: at most 1280 visual tokens
-MIN_PIXELS = 56 * 56
-MAX_ASPECT_RATIO = 200                 # the image processor refuses anything longer and thinner
-MAX_IMAGE_PIXELS = 256_000_000         # larger files are refused before decoding (PIL's bomb guard, raised)
-VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
-VIDEO_MIN_PIXELS = 128 * 28 * 28
-AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
-# The estimate's margin beyond weights and KV cache, stated rather than hidden:
-ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
-ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
-PREFILL_VALUES_PER_TOKEN = 4             # x intermediate size: the MLP's widest activations at prefill
-VISION_VALUES_PER_PATCH = 64             # x vision hidden size: the image encoder's activations
-TALKER_MAX_NEW_TOKENS = 4096             # speech codes Qwen2.5-Omni's talker may generate by default
-TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What the user asked for that bears on the plan."""
-    device: str = "auto"          # auto, mps, cuda, cpu
-    dtype: str = "auto"           # auto, float16, bfloat16, float32
-    quantize: str = "none"        # none, 4bit, 8bit
-    force_cpu: bool = False
-    speech: bool = False          # Omni: load the talker and token2wav too
-    speech_codes: int = TALKER_MAX_NEW_TOKENS   # the most speech codes the talker may generate
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    text_tokens: int = 64         # the prompt's tokens, estimated before any tokenizer is loaded
-    image_sizes: tuple[tuple[int, int], ...] = ()   # (width, height) of each image
-    audio_seconds: tuple[float, ...] = ()            # length of each recording (and video sound track used)
-    videos: tuple[tuple[int, int, int], ...] = ()    # (frames sampled, width, height) of each video
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    @property
-    def forced(self) -> bool:
-        """The user chose the device: the plan warns instead of choosing another."""
-        return self.force_cpu or self.device != "auto"
-
+# --- 7. the plan: device, dtype, quantization, memory, and why -------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
@@ -555,6 +1179,15 @@ class Estimate:
 
 
 @dataclasses.dataclass(frozen=True)
+class Placement:
+    """An estimate checked against a device's budget."""
+    fits: bool
+    budget: int
+    source: str                   # "free memory of cuda:0", "Metal's working-set limit", ...
+    gpus: tuple[int, ...] = ()    # the CUDA devices the weights go on
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     device: str                   # "mps", "cuda" or "cpu"
     dtype: str                    # "float16", "bfloat16" or "float32"
@@ -563,9 +1196,10 @@ class Plan:
     reasons: tuple[str, ...]
     estimate: Estimate | None = None
     budget_bytes: int | None = None
-    budget_source: str = ""       # "free memory of cuda:0", "Metal's working-set limit", ...
+    budget_source: str = ""
     fits: bool = True
-    gpus: tuple[int, ...] = ()    # the CUDA devices the weights go on
+    gpus: tuple[int, ...] = ()
+    components: tuple[str, ...] = ()   # what loads: ("thinker",) for Omni without speech
 
 
 def size_tier(parameters: int) -> str:
@@ -589,7 +1223,6 @@ def video_max_pixels(max_pixels: int) -> int:
 def image_tokens(vision: VisionFacts, width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
     """Visual tokens for one image after the processor's own resize, with its start and end markers."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     factor = vision.patch_size * vision.merge_size
     h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (h // factor) * (w // factor) + 2
@@ -607,11 +1240,10 @@ def audio_tokens(seconds: float) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1 + 2
 
 
-def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
-                    request: Request) -> Estimate:
-    """Weights at the chosen precision, the KV cache for prompt + media + new tokens, and a margin."""
-    width = DTYPE_BYTES[dtype]
-    sizes = {}
+def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str,
+                 quantization: str | None) -> dict[str, tuple[int, int]]:
+    """component -> (parameters, bytes) at this precision."""
+    width, sizes = DTYPE_BYTES[dtype], {}
     for name in components:
         parameters = facts.parameters[name]
         if name in FLOAT32_COMPONENTS:
@@ -621,18 +1253,26 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
             sizes[name] = (parameters, int(packed * QUANTIZED_BYTES[quantization] + (parameters - packed) * width))
         else:
             sizes[name] = (parameters, parameters * width)
-    media = sum(audio_tokens(seconds) for seconds in request.audio_seconds)
+    return sizes
+
+
+def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
+                    options: Options, workload: Workload) -> Estimate:
+    """Weights at the chosen precision, the KV cache for prompt + media + new tokens, and a margin."""
+    width = DTYPE_BYTES[dtype]
+    sizes = weight_bytes(facts, components, dtype, quantization)
+    media = sum(audio_tokens(seconds) for seconds in workload.audio_seconds)
     encoded_patches = 0   # the vision encoder's largest single input, for its activations
     if facts.vision:
-        images = [image_tokens(facts.vision, w, h, request.max_pixels) for w, h in request.image_sizes]
-        videos = [video_tokens(facts.vision, n, w, h, request.max_pixels) for n, w, h in request.videos]
+        images = [image_tokens(facts.vision, w, h, options.max_pixels) for w, h in workload.image_sizes]
+        videos = [video_tokens(facts.vision, n, w, h, options.max_pixels) for n, w, h in workload.videos]
         media += sum(images) + sum(videos)
         encoded_patches = max([t - 2 for t in images + videos], default=0) * facts.vision.merge_size ** 2
-    prompt = request.text_tokens + media
-    context = prompt + request.max_new_tokens
+    prompt = workload.text_tokens + media
+    context = prompt + options.sampling.max_new_tokens
     kv = context * facts.kv_elements_per_token * width
     if "talker" in components:
-        kv += (context + request.speech_codes) * facts.talker_kv_elements_per_token * width
+        kv += (context + options.speech_codes) * facts.talker_kv_elements_per_token * width
         kv += context * (facts.num_layers + 1) * facts.hidden_size * width   # hidden states handed to the talker
     weights = sum(b for _, b in sizes.values())
     activations = (ACTIVATION_FIXED_BYTES + int(weights * ACTIVATION_WEIGHT_FRACTION)
@@ -650,34 +1290,55 @@ def metal_budget(hw: Hardware) -> tuple[int, str]:
     return int(hw.ram_total * fraction), f"Metal's working-set limit (~{fraction:.0%} of RAM)"
 
 
-def place(hw: Hardware, device: str, needed: int) -> tuple[bool, int, str, tuple[int, ...]]:
-    """(fits, budget, where, gpus): check an estimate against the device's real budget.
-    CUDA: the GPU with the most free memory, or several GPUs together when one is not enough."""
+def place(hw: Hardware, device: str, estimate: Estimate, spread=None) -> Placement:
+    """Check an estimate against the device's real budget. CUDA: the GPU with the most free memory,
+    or several GPUs together when one is not enough (`spread(gpus)` says whether accelerate would
+    place every layer on them; without it, their free memory is added up)."""
+    needed = estimate.total
     if device == "mps":
         budget, source = metal_budget(hw)
-        return needed <= budget, budget, source, ()
+        return Placement(needed <= budget, budget, source)
     if device == "cpu":
-        return needed <= hw.ram_available, hw.ram_available, "available RAM", ()
+        return Placement(needed <= hw.ram_available, hw.ram_available, "available RAM")
     order = sorted(range(len(hw.cuda)), key=lambda i: -hw.cuda[i].free_bytes)
     best = order[0]
     if needed <= hw.cuda[best].free_bytes or len(order) == 1:
-        return needed <= hw.cuda[best].free_bytes, hw.cuda[best].free_bytes, f"free memory of cuda:{best}", (best,)
-    chosen, budget = [], 0
-    for index in order:
-        chosen.append(index)
-        budget += hw.cuda[index].free_bytes
-        if budget >= needed:
-            break
-    names = "+".join(f"cuda:{i}" for i in sorted(chosen))
-    return needed <= budget, budget, f"free memory of {names}", tuple(sorted(chosen))
+        return Placement(needed <= hw.cuda[best].free_bytes, hw.cuda[best].free_bytes, f"free memory of cuda:{best}",
+                         (best,))
+    for count in range(2, len(order) + 1):
+        chosen = tuple(sorted(order[:count]))
+        budget = sum(hw.cuda[i].free_bytes for i in chosen)
+        fits = spread(chosen) if spread else needed <= budget
+        if fits or count == len(order):
+            return Placement(fits, budget, "free memory of " + "+".join(f"cuda:{i}" for i in chosen), chosen)
 
 
-def choose_device(hw: Hardware, tier: str, request: Request) -> tuple[str, str]:
+def accelerate_spread(facts: ModelFacts, components: tuple[str, ...], dtype: str, estimate: Estimate, hw: Hardware):
+    """spread(gpus) for place(): whether accelerate's infer_auto_device_map (what device_map="auto"
+    runs at load time) puts every layer of the weights on those GPUs, with the KV cache and the
+    margin shared among them. None without a meta model."""
+    if facts.meta_model is None:
+        return None
+    import torch
+    from accelerate import infer_auto_device_map
+    module = facts.meta_model.thinker if components == ("thinker",) else facts.meta_model
+    special = {name: torch.float32 for name, _ in module.named_parameters() if name.split(".")[0] in FLOAT32_COMPONENTS}
+    overhead = estimate.total - estimate.weights_bytes
+
+    def spread(gpus: tuple[int, ...]) -> bool:
+        memory = {i: max(hw.cuda[i].free_bytes - overhead // len(gpus), 0) for i in gpus}
+        device_map = infer_auto_device_map(module, max_memory=memory, no_split_module_classes=module._no_split_modules,
+                                           dtype=getattr(torch, dtype), special_dtypes=special)
+        return all(isinstance(where, int) for where in device_map.values())
+    return spread
+
+
+def choose_device(hw: Hardware, tier: str, options: Options) -> tuple[str, str]:
     """The guide's placement policy: (device, reason)."""
-    if request.force_cpu:
+    if options.force_cpu:
         return "cpu", "🔧 --force_cpu: using the CPU"
-    if request.device != "auto":
-        return request.device, f"🔧 --device {request.device}: using {request.device.upper()} as asked"
+    if options.device != "auto":
+        return options.device, f"🔧 --device {options.device}: using {options.device.upper()} as asked"
     if hw.cuda:
         return "cuda", f"🚀 NVIDIA GPU found ({hw.cuda[0].name}) - using CUDA"
     if hw.apple_silicon and hw.mps_available:
@@ -693,10 +1354,10 @@ def choose_device(hw: Hardware, tier: str, request: Request) -> tuple[str, str]:
     return "cpu", "💻 No GPU found - using CPU"
 
 
-def choose_dtype(hw: Hardware, device: str, request: Request) -> tuple[str, str]:
+def choose_dtype(hw: Hardware, device: str, options: Options) -> tuple[str, str]:
     """float16 on MPS; bfloat16 on CUDA where supported; bfloat16 on a CPU only where it is native."""
-    if request.dtype != "auto":
-        return request.dtype, f"🔧 --dtype {request.dtype}: as asked"
+    if options.dtype != "auto":
+        return options.dtype, f"🔧 --dtype {options.dtype}: as asked"
     if device == "mps":
         return "float16", "🔢 float16 on MPS for memory efficiency"
     if device == "cuda":
@@ -708,77 +1369,102 @@ def choose_dtype(hw: Hardware, device: str, request: Request) -> tuple[str, str]
     return "float32", "🔢 float32 on the CPU (it lacks native bf16, which would be many times slower)"
 
 
-def choose_quantization(hw: Hardware, device: str, request: Request) -> tuple[str | None, list[str]]:
+def choose_quantization(hw: Hardware, device: str, options: Options) -> tuple[str | None, list[str]]:
     """bitsandbytes on CUDA only; never tried on Apple Silicon."""
-    if request.quantize == "none":
+    if options.quantize == "none":
         return None, []
     if hw.apple_silicon:
         return None, ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
                       "💡 MPS will provide GPU acceleration instead"]
     if device != "cuda":
-        return None, [f"⚠️ Skipping --quantize {request.quantize}: bitsandbytes quantization needs a CUDA GPU"]
-    return request.quantize, [f"🗜️ {request.quantize} quantization with bitsandbytes"]
+        return None, [f"⚠️ Skipping --quantize {options.quantize}: bitsandbytes quantization needs a CUDA GPU"]
+    return options.quantize, [f"🗜️ {options.quantize} quantization with bitsandbytes"]
 
 
-def _alternatives(hw: Hardware, device: str, dtype: str, quantization: str | None, request: Request):
-    """What to try, in order, when the policy's first choice does not fit: 4-bit on CUDA, then the CPU
-    (in the CPU's dtype, then in bfloat16 where float32 would not fit)."""
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run: a device, a precision, and the lines that say why."""
+    device: str
+    dtype: str
+    quantization: str | None
+    reasons: tuple[str, ...]
+
+
+def candidates(hw: Hardware, tier: str, options: Options):
+    """The policy's choice first; then, unless the user chose the device, what to try when it does
+    not fit: 4-bit on CUDA, then the CPU in its dtype, then in bfloat16 where float32 would not fit."""
+    device, device_reason = choose_device(hw, tier, options)
+    dtype, dtype_reason = choose_dtype(hw, device, options)
+    quantization, quantization_reasons = choose_quantization(hw, device, options)
+    yield Candidate(device, dtype, quantization, (device_reason, dtype_reason, *quantization_reasons))
+    if options.forced:
+        return
     if device == "cuda" and quantization is None:
-        yield "cuda", dtype, "4bit", "🗜️ 4-bit quantization with bitsandbytes"
-    cpu_dtype, cpu_reason = choose_dtype(hw, "cpu", request)
-    yield "cpu", cpu_dtype, None, cpu_reason
-    if cpu_dtype == "float32" and request.dtype == "auto":
-        yield "cpu", "bfloat16", None, "🔢 bfloat16 on the CPU to halve the memory (slow: this CPU lacks native bf16)"
+        yield Candidate("cuda", dtype, "4bit", ("🗜️ 4-bit quantization with bitsandbytes",))
+    cpu_dtype, cpu_reason = choose_dtype(hw, "cpu", options)
+    yield Candidate("cpu", cpu_dtype, None, (cpu_reason,))
+    if cpu_dtype == "float32" and options.dtype == "auto":
+        yield Candidate("cpu", "bfloat16", None,
+                        ("🔢 bfloat16 on the CPU to halve the memory (slow: this CPU lacks native bf16)",))
 
 
 def _device_name(device: str) -> str:
     return {"cuda": "the GPU", "mps": "MPS", "cpu": "the CPU"}[device]
 
 
-def describe_fit(estimate: Estimate, device: str, fits: bool, budget: int, source: str) -> str:
-    verdict = "fits" if fits else "does not fit"
+def describe_fit(estimate: Estimate, device: str, where: Placement) -> str:
+    verdict = "fits" if where.fits else "does not fit"
     return (f"📐 Needs about {format_bytes(estimate.total)} on {_device_name(device)} "
             f"(weights {format_bytes(estimate.weights_bytes)}, KV cache {format_bytes(estimate.kv_cache_bytes)}, "
-            f"margin {format_bytes(estimate.activation_bytes)}) of {format_bytes(budget)} ({source}): {verdict}")
+            f"margin {format_bytes(estimate.activation_bytes)}) of {format_bytes(where.budget)} ({where.source}): "
+            f"{verdict}")
 
 
-def choose_plan(hw: Hardware, facts: ModelFacts, request: Request) -> Plan:
+def _switch_line(first: Candidate, chosen: Candidate) -> str:
+    if chosen.device == first.device and not chosen.quantization:   # the CPU, in a smaller dtype
+        return f"⚠️ Too big for {_device_name(first.device)} in {first.dtype}: using {chosen.dtype} instead"
+    return (f"⚠️ Too big for {_device_name(first.device)} in {first.dtype}: using {_device_name(chosen.device)}"
+            + (f" with {chosen.quantization} quantization" if chosen.quantization else "") + " instead")
+
+
+def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Workload = Workload()) -> Plan:
     """Device, dtype, quantization and the memory they take, for this model on this hardware: a pure
     function. The guide's tier policy comes first; when its choice does not fit the device's budget,
-    the next option that does (4-bit on CUDA, then the CPU), with the reason."""
-    components = loading_components(facts, request.speech)
+    the next candidate that does, with the reason."""
+    components = loading_components(facts, options.speech)
     tier = size_tier(sum(facts.parameters[name] for name in components))
-    device, device_reason = choose_device(hw, tier, request)
-    dtype, dtype_reason = choose_dtype(hw, device, request)
-    quantization, quantization_reasons = choose_quantization(hw, device, request)
-    reasons = [device_reason, dtype_reason, *quantization_reasons]
-    estimate = estimate_memory(facts, components, dtype, quantization, request)
-    fits, budget, source, gpus = place(hw, device, estimate.total)
-    first = describe_fit(estimate, device, fits, budget, source)
-    if fits or request.forced:
-        if not fits:
-            reasons += [first, f"⚠️ Going ahead on {_device_name(device)} because you asked for it; "
-                               "expect offloading or an out-of-memory fallback"]
-        return Plan(device, dtype, quantization, tier, (*reasons, *([first] if fits else [])), estimate, budget,
-                    source, fits, gpus)
-    for alt_device, alt_dtype, alt_quantization, why in _alternatives(hw, device, dtype, quantization, request):
-        alt = estimate_memory(facts, components, alt_dtype, alt_quantization, request)
-        alt_fits, alt_budget, alt_source, alt_gpus = place(hw, alt_device, alt.total)
-        if not alt_fits:
+    first = first_line = None
+    notes: list[str] = []
+    for candidate in candidates(hw, tier, options):
+        estimate = estimate_memory(facts, components, candidate.dtype, candidate.quantization, options, workload)
+        spread = None if candidate.quantization else accelerate_spread(facts, components, candidate.dtype,
+                                                                       estimate, hw)
+        where = place(hw, candidate.device, estimate, spread)
+        line = describe_fit(estimate, candidate.device, where)
+        if first is None:
+            first, first_line, fallback = candidate, line, (estimate, where)
+            reasons = [*candidate.reasons, line]
+            if not where.fits and options.forced:
+                reasons.append(f"⚠️ Going ahead on {_device_name(candidate.device)} because you asked for it; "
+                               "expect offloading or an out-of-memory fallback")
+            if where.fits or options.forced:
+                return _plan(candidate, tier, reasons, estimate, where, components)
             continue
-        if alt_quantization and not hw.bitsandbytes:
-            reasons.append(f"💡 4-bit quantization would fit on the GPU ({format_bytes(alt.total)}): "
-                           "pip install bitsandbytes to use it")
+        if not where.fits:
             continue
-        if alt_device == device and not alt_quantization:   # the CPU, in a smaller dtype
-            switched = f"⚠️ Too big for {_device_name(device)} in {dtype}: using {alt_dtype} instead"
-        else:
-            switched = (f"⚠️ Too big for {_device_name(device)} in {dtype}: using {_device_name(alt_device)}"
-                        + (f" with {alt_quantization} quantization" if alt_quantization else "") + " instead")
-        return Plan(alt_device, alt_dtype, alt_quantization, tier,
-                    (*reasons, first, switched, why, describe_fit(alt, alt_device, True, alt_budget, alt_source)),
-                    alt, alt_budget, alt_source, True, alt_gpus)
-    return Plan(device, dtype, quantization, tier, (*reasons, first), estimate, budget, source, False, gpus)
+        if candidate.quantization and not hw.bitsandbytes:
+            notes.append(f"💡 4-bit quantization would fit on the GPU ({format_bytes(estimate.total)}): "
+                         "pip install bitsandbytes to use it")
+            continue
+        reasons = [*first.reasons, *notes, first_line, _switch_line(first, candidate), *candidate.reasons, line]
+        return _plan(candidate, tier, reasons, estimate, where, components)
+    return _plan(first, tier, [*first.reasons, *notes, first_line], *fallback, components)
+
+
+def _plan(candidate: Candidate, tier: str, reasons: list[str], estimate: Estimate, where: Placement,
+          components: tuple[str, ...]) -> Plan:
+    return Plan(candidate.device, candidate.dtype, candidate.quantization, tier, tuple(reasons), estimate,
+                where.budget, where.source, where.fits, where.gpus, components)
 
 
 def does_not_fit_message(facts: ModelFacts, plan: Plan, hw: Hardware) -> str:
@@ -797,18 +1483,10 @@ def does_not_fit_message(facts: ModelFacts, plan: Plan, hw: Hardware) -> str:
             f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}){cpu}; try " + ", ".join(options))
 
 
-def check_device_available(hw: Hardware, request: Request) -> None:
-    if request.device == "cuda" and not hw.cuda:
-        raise UsageError("--device cuda: no CUDA GPU is available here; use --device auto or --device cpu")
-    if request.device == "mps" and not hw.mps_available:
-        raise UsageError("--device mps: MPS is not available here (it needs Apple Silicon and macOS 12.3+); "
-                         "use --device auto or --device cpu")
-
-
 def cpu_plan(hw: Hardware, plan: Plan, why: str) -> Plan:
     """The plan to fall back to after running out of memory: the CPU with the CPU's dtype."""
-    dtype, dtype_reason = choose_dtype(hw, "cpu", Request())
-    return Plan("cpu", dtype, None, plan.tier, (why, dtype_reason))
+    dtype, dtype_reason = choose_dtype(hw, "cpu", Options())
+    return Plan("cpu", dtype, None, plan.tier, (why, dtype_reason), components=plan.components)
 
 
 def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
@@ -826,12 +1504,27 @@ def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
     }
 
 
-# --- loading ----------------------------------------------------------------------
+def describe_plan(plan: Plan) -> list[str]:
+    """The dry run's table: what loads, what it takes, against which budget."""
+    estimate = plan.estimate
+    where = plan.device + (f" ({', '.join(f'cuda:{i}' for i in plan.gpus)})" if plan.gpus else "")
+    lines = [f"📋 Plan: {where}, {plan.dtype}, "
+             + (f"{plan.quantization} quantization" if plan.quantization else "no quantization")]
+    for name, (parameters, nbytes) in estimate.components.items():
+        precision = "float32" if name in FLOAT32_COMPONENTS else (plan.quantization or plan.dtype)
+        lines.append(f"   {name:<12}{format_count(parameters):>10}  {format_bytes(nbytes):>10}  {precision}")
+    media = f", {estimate.media_tokens} of them for media" if estimate.media_tokens else ""
+    lines.append(f"   {'KV cache':<12}{'':>10}  {format_bytes(estimate.kv_cache_bytes):>10}  "
+                 f"{estimate.context_tokens} tokens (prompt, estimated{media}, + --max_new_tokens)")
+    lines.append(f"   {'margin':<12}{'':>10}  {format_bytes(estimate.activation_bytes):>10}  "
+                 "activations, media encoders, allocator slack")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"   {'total':<12}{format_count(estimate.parameters):>10}  {format_bytes(estimate.total):>10}  "
+                 f"of {format_bytes(plan.budget_bytes)} ({plan.budget_source}): {verdict}")
+    return lines
 
-def torch_dtype(name: str):
-    import torch
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
+# --- 8. loading, and the decoder chosen once ---------------------------------------------------
 
 def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     """from_pretrained's placement arguments for the plan: the GPU(s) it chose, MPS, or the CPU."""
@@ -851,19 +1544,29 @@ def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     return {"device_map": "auto"}
 
 
-def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, trust_remote_code: bool,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
-    """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models."""
-    from transformers import AutoProcessor, AutoTokenizer
+def _bitsandbytes_config(plan: Plan):
+    import torch
+    if not _has_bitsandbytes():
+        raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
+                       "(or run without --quantize)")
+    from transformers import BitsAndBytesConfig
+    if plan.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
+    return BitsAndBytesConfig(load_in_8bit=True)
 
-    kwargs = dict(dtype=torch_dtype(plan.dtype), trust_remote_code=trust_remote_code,
-                  **device_map_for(plan, hw, info.kind))
+
+def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
+    """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models.
+    An Omni model loads its thinker alone when the plan leaves the talker out."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer
+    common = dict(trust_remote_code=trust_remote_code, local_files_only=info.local_only)
+    kwargs = dict(dtype=getattr(torch, plan.dtype), **common, **device_map_for(plan, hw, info.kind))
     if plan.device == "cuda":
-        import torch
-        # PyTorch prefers cuDNN's attention on recent GPUs, and cuDNN builds a plan for every new
-        # sequence length, which in decoding is every token: on an H100 that was 1.5 ms per call and
-        # cut a first run's decoding to a third of a warm one's (bench/profile_first_run.py).
-        # The flash and memory-efficient kernels need no plan.
+        # cuDNN's attention builds a plan for every new sequence length, which in decoding is every
+        # token; the flash and memory-efficient kernels need none (README, "How it decides").
         torch.backends.cuda.enable_cudnn_sdp(False)
     if plan.device == "mps" and info.kind != "omni":
         say("🍎 Using MPS device mapping for Apple Silicon GPU")
@@ -872,6 +1575,7 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
     folder = Path(info.model_id).expanduser()
     if folder.is_dir() and any(folder.glob("*.safetensors")):
         kwargs["use_safetensors"] = True   # never the pickled .bin beside them
+    thinker_only = info.kind == "omni" and plan.components == ("thinker",)
     try:
         model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
     except Exception as exc:   # transformers loads .bin files with weights_only: a pickle with code is refused
@@ -881,15 +1585,12 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
                            "you trust") from exc
         raise
     model.eval()
-    loader = AutoTokenizer if info.kind == "text" else AutoProcessor
-    processor = loader.from_pretrained(info.model_id, trust_remote_code=trust_remote_code)
+    processor = (AutoTokenizer if info.kind == "text" else AutoProcessor).from_pretrained(info.model_id, **common)
     # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None and hasattr(image_processor, "size"):
-        image_processor.size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
-    video_processor = getattr(processor, "video_processor", None)
-    if video_processor is not None and hasattr(video_processor, "size"):
-        video_processor.size = {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": video_max_pixels(max_pixels)}
+    for name, low, high in (("image_processor", MIN_PIXELS, max_pixels),
+                            ("video_processor", VIDEO_MIN_PIXELS, video_max_pixels(max_pixels))):
+        if hasattr(getattr(processor, name, None), "size"):
+            getattr(processor, name).size = {"shortest_edge": low, "longest_edge": high}
     offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if plan.device != "cpu" and offloaded:
         say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
@@ -897,389 +1598,81 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, thinker_only: bool, tr
     return model, processor
 
 
-def _bitsandbytes_config(plan: Plan):
-    if not _has_bitsandbytes():
-        raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
-                       "(or run without --quantize)")
-    from transformers import BitsAndBytesConfig
-
-    if plan.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=torch_dtype(plan.dtype))
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-# --- inputs -------------------------------------------------------------------------
-
-AUDIO_SAMPLE_RATE = 16_000     # what Qwen's audio encoders take: 16 kHz mono
-SPEECH_SAMPLE_RATE = 24_000    # Qwen2.5-Omni's voice
-AUDIO_WINDOW_SAMPLES = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
-DEFAULT_FPS = 2.0              # Qwen's default: two video frames a second
-MAX_FPS = 30.0
-DEFAULT_SPEAKER = "Chelsie"
-SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works differently: not wired up yet
-SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-                        "perceiving auditory and visual inputs, as well as generating text and speech.")
-
-
-def _require(module: str, package: str, flag: str):
-    """Import a media library, or say which package the flag needs (a partial install, a pinned env)."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise RunError(f"{flag} needs the {package} package: pip install {package} "
-                       "(or pip install -r requirements.txt)") from exc
-
-
-def _readable_file(flag: str, path: str, what: str) -> Path:
-    """The file behind a media flag, or a UsageError that names the flag and the problem."""
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise UsageError(f"{flag} {path}: file not found; check the path")
-    if file.is_dir():
-        raise UsageError(f"{flag} {path}: this is a folder; give {what}")
-    if not os.access(file, os.R_OK):
-        raise UsageError(f"{flag} {path}: permission denied; make the file readable")
-    if file.stat().st_size == 0:
-        raise UsageError(f"{flag} {path}: the file is empty; give {what}")
-    return file
-
-
-def load_image(path: str, flag: str = "--image_path"):
-    """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    file = _readable_file(flag, path, "an image file")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS   # PIL's own guard refuses over 179 MP, as a "bomb"
-    try:
-        with Image.open(file) as image:
-            image.load()
-            picture = ImageOps.exif_transpose(image).convert("RGB")
-    except PermissionError as exc:
-        raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
-    except Image.DecompressionBombError as exc:
-        raise UsageError(f"{flag} {path}: more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, which this tool does "
-                         "not open (the model sees at most about 1 megapixel); scale it down first") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
-                         "check that the file is a complete picture") from exc
-    width, height = picture.size
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise UsageError(f"{flag} {path}: {width} x {height} pixels is too long and thin for Qwen's image "
-                         f"processor (at most {MAX_ASPECT_RATIO}:1); crop it")
-    return picture
-
-
-def load_audio(path: str, flag: str = "--audio_path"):
-    """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
-    import numpy as np
-
-    soundfile = _require("soundfile", "soundfile", flag)
-    soxr = _require("soxr", "soxr", flag)
-    file = _readable_file(flag, path, "an audio file")
-    with open(file, "rb") as handle:   # libsndfile reads a cut-short WAV as if it were whole
-        head = handle.read(12)
-    declared = int.from_bytes(head[4:8], "little") + 8 if head[:4] == b"RIFF" and head[8:12] == b"WAVE" else 0
-    if declared > file.stat().st_size:
-        raise UsageError(f"{flag} {path}: the file is cut short ({file.stat().st_size:,} of the {declared:,} bytes "
-                         "its header promises); check that the file is a complete recording")
-    try:
-        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise UsageError(f"{flag} {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
-                         "check that the file is a complete recording") from exc
-    if samples.shape[0] == 0:
-        raise UsageError(f"{flag} {path}: the recording has no samples; give one with sound in it")
-    mono = samples.mean(axis=1)
-    if rate != AUDIO_SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, AUDIO_SAMPLE_RATE)
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-@dataclasses.dataclass
-class Video:
-    frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
-    fps: float                # frames sampled per second of the clip
-    audio: object | None      # its sound track as 16 kHz mono float32, when asked for
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """How answers are decoded, chosen once when the model loads (choose_decoder)."""
+    kind: str          # "generate" (transformers), "step" (one step at a time), "graph" (CUDA graph), "compiled"
+    reason: str        # the line that says which, and why
+    lag: int = 0       # tokens the device may run ahead of the text on screen
 
     @property
-    def size(self) -> tuple[int, int]:
-        return int(self.frames.shape[2]), int(self.frames.shape[1])
+    def fast(self) -> bool:
+        return self.kind != "generate"
 
 
-def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path") -> Video:
-    """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
-    import numpy as np
-
-    av = _require("av", "av", flag)
-    file = _readable_file(flag, path, "a video file")
-    frames, audio = [], None
-    try:
-        with av.open(str(file)) as container:
-            if not container.streams.video:
-                raise UsageError(f"{flag} {path}: this file has no video track; give a video "
-                                 "(or pass a sound file with --audio_path)")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or 25)
-            next_time = 0.0
-            for index, frame in enumerate(container.decode(stream)):
-                seconds = frame.time if frame.time is not None else index / rate
-                if seconds + 1e-6 >= next_time:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    next_time += 1 / fps
-        if with_audio:
-            with av.open(str(file)) as container:
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
-                chunks = [out.to_ndarray().reshape(-1) for stream in container.streams.audio[:1]
-                          for frame in container.decode(stream) for out in resampler.resample(frame)]
-                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)] if chunks else []
-            if not chunks:
-                raise UsageError(f"{flag} {path}: this video has no sound track; drop --use_audio_in_video "
-                                 "or this video")
-            audio = np.concatenate(chunks)
-    except (av.FFmpegError, ValueError) as exc:
-        raise UsageError(f"{flag} {path}: not a readable video (MP4, MOV, WebM, ...); "
-                         "check that the file is complete") from exc
-    if not frames:
-        raise UsageError(f"{flag} {path}: no frame could be decoded; the file looks truncated")
-    if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
-        frames.append(frames[-1])
-    return Video(np.stack(frames), fps, audio)
-
-
-def read_speakers(info: ModelInfo) -> list[str]:
-    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
+def choose_decoder(model, device: str, options: Options) -> Decoder:
+    """The decoder for this model, device and these flags: transformers' generate(), or the
+    FastDecoder one step at a time, as a CUDA graph, or as a CUDA graph with compiled layers."""
     import torch
-
-    path = Path(info.model_id).expanduser() / "spk_dict.pt"
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-        try:
-            path = Path(hf_hub_download(info.model_id, "spk_dict.pt"))
-        except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
-            raise RunError(f"--output_audio: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
-                           "use a complete Qwen2.5-Omni checkpoint") from exc
-    # weights_only: a speaker file holds tensors and names, never code to run.
-    try:
-        return list(torch.load(path, weights_only=True, map_location="cpu"))
-    except Exception as exc:
-        raise RunError(f"--output_audio: {path} holds more than voices (objects or code that PyTorch will not "
-                       "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
-
-
-def check_output_audio(path: str) -> Path:
-    """Where the spoken reply goes: checked before the model loads, so a typo costs nothing."""
-    _require("soundfile", "soundfile", "--output_audio")   # it writes the WAV, after all the work
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise UsageError(f"--output_audio {path}: this is a folder; give a file name such as reply.wav")
-    folder = file.parent
-    if not folder.is_dir():
-        raise UsageError(f"--output_audio {path}: the folder {folder} does not exist; create it first")
-    import tempfile
-
-    try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
-        handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(f"--output_audio {path}: cannot write in {folder} ({exc.strerror}); choose a folder "
-                         "you can write to") from exc
-    return file
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(temporary_path) into a temporary file in the same folder, then rename it into place, so
-    that an interrupted run never leaves a half-written file under the user's name."""
-    import tempfile
-
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_wav(path: Path, samples, rate: int) -> None:
-    """A 16-bit PCM WAV, written atomically."""
-    import soundfile
-
-    write_atomically(path, lambda temporary: soundfile.write(temporary, samples, rate, subtype="PCM_16",
-                                                             format="WAV"))
+    if options.speech:
+        return Decoder("generate", "🐢 Decoding with transformers' generate(): a spoken reply needs the full "
+                                   "model's own loop")
+    if not options.fast_decode:
+        return Decoder("generate", "🐢 Decoding with transformers' generate() (--no_fast_decode)")
+    why_not = fast_decoding_unsupported(model)
+    if why_not:
+        return Decoder("generate", f"🐢 Decoding with transformers' generate(): the fast decoder does not handle "
+                                   f"{why_not}")
+    probe = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    if _decoding_settings(model, options.sampling, probe) is None:
+        return Decoder("generate", "🐢 These decoding settings need transformers' generate(); the fast decoder is "
+                                   "not used")
+    lag = 0 if device == "cpu" else STREAM_LAG_TOKENS   # on the CPU each token is ready when its step returns
+    if device not in COMPILING_DEVICES:
+        if options.compile_layers:
+            say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
+                "torch.compile is still experimental)")
+        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time (--no_fast_decode: "
+                               "transformers' generate())", lag)
+    if options.compile_layers:
+        return Decoder("compiled", "⚡ Fast decoding: a static KV cache, one CUDA graph per step, the layers "
+                                   "compiled first (--compile: seconds before the second token, then faster)", lag)
+    return Decoder("graph", "⚡ Fast decoding: a static KV cache, one CUDA graph per step (--compile: faster after "
+                            "seconds of compiling, for long answers; --no_fast_decode: transformers' generate())", lag)
 
 
 @dataclasses.dataclass
-class Media:
-    """Decoded inputs, in the order they appear in the user's turn: videos, images, audio."""
-    images: list = dataclasses.field(default_factory=list)
-    audios: list = dataclasses.field(default_factory=list)
-    videos: list = dataclasses.field(default_factory=list)
-    use_audio_in_video: bool = False
-    decode_s: float = 0.0
+class Loaded:
+    """A model on its device, ready to answer one turn after another."""
+    model: object
+    processor: object
+    plan: Plan
+    load_s: float
+    device_map: dict
+    decoder: Decoder
 
 
-def build_messages(prompt: str, system_prompt: str | None, media: Media, kind: str) -> list[dict]:
-    """A chat in transformers' format; media go in the user turn before the text."""
-    messages = []
-    if kind == "text":
-        if system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        return messages
-    if system_prompt:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    content = [{"type": "video", "video": video.frames} for video in media.videos]
-    content += [{"type": "image", "image": image} for image in media.images]
-    content += [{"type": "audio", "audio": audio} for audio in media.audios]
-    content.append({"type": "text", "text": prompt})
-    messages.append({"role": "user", "content": content})
-    return messages
+def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options) -> Loaded:
+    """The model and processor for the plan, and the decoder that will answer with them."""
+    import torch
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model, processor = load_model(info, plan, hw, options.trust_remote_code, options.max_pixels)
+    device_map = {name: str(where) for name, where in (getattr(model, "hf_device_map", None) or
+                                                       {"": str(model.device)}).items()}
+    load_s = time.perf_counter() - start
+    say(describe_sampling(model.generation_config, options.sampling))
+    decoder = choose_decoder(model, plan.device, options)
+    say(decoder.reason)
+    return Loaded(model, processor, plan, load_s, device_map, decoder)
 
 
-def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None):
-    """Chat template and media through the processor; tensors on the model's device."""
-    if media is None or not (media.audios or media.videos):
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        return inputs.to(device)
-    # Audio and video were decoded here (soundfile + soxr, PyAV), so the processor gets arrays.
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    kwargs: dict = {"text": [text], "return_tensors": "pt"}
-    if media.images:
-        kwargs["images"] = media.images
-    audio, slots = list(media.audios), [None] * len(media.audios)
-    if media.videos:
-        kwargs["videos"] = [video.frames for video in media.videos]
-        kwargs["videos_kwargs"] = {"fps": media.videos[0].fps}
-        if media.use_audio_in_video:
-            # Each video's sound goes with its pictures, interleaved in time (Qwen's recommendation);
-            # the sound tracks come first in the list, as the videos come first in the turn.
-            audio = [video.audio for video in media.videos] + audio
-            slots = list(range(len(media.videos))) + slots
-            if hasattr(processor, "_resolve_audio_from_video"):   # transformers >= 5.2x: slots say whose sound
-                kwargs.update(load_audio_from_video=True, audio_from_video_indices=slots)
-            else:                                                 # 5.17: each video takes the next recording
-                kwargs["videos_kwargs"]["use_audio_in_video"] = True
-    if audio:
-        kwargs["audio"] = audio
-    return processor(**kwargs).to(device)
-
-
-# --- generation -------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Stats:
-    device: str
-    load_s: float = 0.0
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    ttft_s: float | None = None
-    decode_tokens_per_s: float | None = None
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str = ""
-    media_decode_s: float = 0.0
-    decode_s: float | None = None        # first to last new token
-    second_token_s: float | None = None  # first to second: the fast decoder's setup (graph capture, compiling)
-    speech_s: float | None = None        # talker + token2wav, after the last text token
-    device_map: dict | None = None       # where the weights went
-    dtype: str = ""
-    audio_seconds: float | None = None   # length of the spoken reply
-
-    @property
-    def real_time_factor(self) -> float | None:
-        """Seconds spent making speech per second of speech: below 1 is faster than real time."""
-        return self.speech_s / self.audio_seconds if self.speech_s is not None and self.audio_seconds else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_new_tokens: int = 0       # benchmarks force a length; a user never needs to
-
-    def generate_kwargs(self) -> dict:
-        """Overrides of the model's generation_config; nothing given keeps the model's defaults."""
-        kwargs: dict = {"max_new_tokens": self.max_new_tokens}
-        if self.min_new_tokens:
-            kwargs["min_new_tokens"] = self.min_new_tokens
-        if self.temperature == 0:
-            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        chosen = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        chosen = {k: v for k, v in chosen.items() if v is not None}
-        return {**kwargs, "do_sample": True, **chosen} if chosen else kwargs
-
-
-def effective_sampling(generation_config, sampling: Sampling) -> dict:
-    """What decoding will really do: the flags over the model's own generation_config."""
-    kwargs = sampling.generate_kwargs()
-    settings = {"max_new_tokens": sampling.max_new_tokens,
-                "do_sample": bool(kwargs.get("do_sample", generation_config.do_sample))}
-    if settings["do_sample"]:
-        settings.update({k: kwargs.get(k, getattr(generation_config, k, None)) for k in ("temperature", "top_p", "top_k")})
-    return settings
-
-
-def describe_sampling(generation_config, sampling: Sampling) -> str:
-    settings = effective_sampling(generation_config, sampling)
-    if not settings["do_sample"]:
-        return "🎯 Greedy decoding" + (" (--temperature 0)" if sampling.temperature == 0 else "")
-    values = {k: settings[k] for k in ("temperature", "top_p", "top_k")}
-    return "🎲 Sampling: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
-
-
-def _make_streamer(tokenizer, stream: bool):
-    """A TextStreamer that prints to stdout as text is finalised (when `stream`) and notes when each
-    token arrives.
-
-    It runs inside generate()'s own loop, in the main thread. The usual TextIteratorStreamer
-    needs generate() in a second thread, and the two threads' hand-offs of the GIL made CUDA
-    decoding 2-10 times slower (bench/stream_overhead.py: 5 ms/token became 48-62 on an H100)."""
-    from transformers import TextStreamer
-
-    class PrintingStreamer(TextStreamer):
-        def __init__(self):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.token_times: list[float] = []
-            self.pieces: list[str] = []
-
-        def put(self, value):
-            if not self.next_tokens_are_prompt:
-                self.token_times.append(time.perf_counter())
-            super().put(value)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            self.pieces.append(text)
-            if stream and text:
-                _write_stdout(text)
-
-    return PrintingStreamer()
-
-
-@dataclasses.dataclass(frozen=True)
-class Speech:
-    speaker: str
-    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
-    min_codes: int = 0                       # benchmarks force a length; a user never needs to
-
-
-# --- fast decoding: a static KV cache and one decode step, replayed as a CUDA graph ----
-
-FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text")   # Qwen2's decoder layer, as is
-COMPILING_DEVICES = ("cuda",)   # --compile: it gained nothing on a 2-core CPU; on MPS torch.compile is experimental
-STREAM_LAG_TOKENS = 8    # how far the GPU may run ahead of the text on screen (and past an end token)
-
+# --- 9. the decoding engine: a static KV cache, one step per token, the next token on the device --
 
 def fast_decoding_unsupported(model) -> str | None:
     """Why the fast decoder cannot run this model here, or None when it can."""
     import torch
-
     try:
         decoder = model.get_decoder()
         config = decoder.config
@@ -1302,27 +1695,16 @@ def fast_decoding_unsupported(model) -> str | None:
 
 
 class FastDecoder:
-    """Decodes one token per step the way gpt-fast does: keys and values in a preallocated cache
-    of prompt + max_new_tokens slots, and no host synchronisation inside a step.
-
-    Two ways to run a step. Exact (CPU, Apple Silicon): the model's own modules, attention over
-    the filled slots, so greedy and seeded answers equal generate()'s bit for bit
-    (tests/test_fast_decode.py). Fused (CUDA): the same layer arithmetic written out with q/k/v
-    and gate/up fused into one product each and attention over all slots under a mask, so every
-    step has the same shapes; the whole step (embedding to logits) is recorded once as a CUDA
-    graph and replayed, so a token costs one launch instead of about a thousand; with --compile
-    each layer's arithmetic is compiled by torch.compile into a few fused kernels (one
-    compilation serves every layer).
-    generate() launches every kernel from Python and syncs with the host after each token
-    (38 tokens/s for a 3B model on an H100, 8% of what its memory could deliver).
-
-    The prompt itself (and any pictures or sound) goes through the model's forward unchanged;
-    its keys and values are copied into the static cache."""
+    """One token per step, as gpt-fast decodes: keys and values in a cache of prompt + max_new_tokens
+    slots (the prompt's, from the model's own forward, copied in), no host synchronisation inside a step.
+    Exact (off CUDA): the model's own modules over the filled slots, so answers equal generate()'s.
+    Fused (CUDA): q/k/v and gate/up fused into one product each and attention over all slots under a
+    mask, so every step has the same shapes; capture() records the step as one CUDA graph, and with
+    compile_layers torch.compile fuses each layer's arithmetic (one compilation serves every layer)."""
 
     def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, fused: bool,
                  compile_layers: bool = False):
         import torch
-
         decoder = model.get_decoder()
         config = decoder.config
         self.decoder, self.layers, self.head = decoder, decoder.layers, model.get_output_embeddings()
@@ -1338,14 +1720,7 @@ class FastDecoder:
         for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers))):
             self.keys[i, :, :, :prompt_length] = keys
             self.values[i, :, :, :prompt_length] = values
-        # Rotary angles for every slot, as the model's rotary embedding computes them (float32, then
-        # the model's dtype). Multimodal Qwens shift text positions after pictures by `rope_deltas`;
-        # past the prompt all three of their position streams are equal, which is plain 1-D rotary.
-        positions = torch.arange(slots, device=device, dtype=torch.float32) + _rope_delta(model)
-        angles = positions[:, None] * decoder.rotary_emb.inv_freq.float().to(device)[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        scaling = getattr(decoder.rotary_emb, "attention_scaling", 1.0)
-        self.cos, self.sin = (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+        self.cos, self.sin = _rotary_tables(model, decoder, slots, device, dtype)
         self.slots = torch.arange(slots, device=device)
         if not fused:   # transformers' own attention function, as the model's layers call it
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -1364,7 +1739,6 @@ class FastDecoder:
     def _exact_step(self, token, position, length: int):
         """The model's own modules and functions, attention over the `length` filled slots."""
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
         x = self.decoder.embed_tokens(token)
         cos, sin = self.cos[position][None], self.sin[position][None]
         for i, layer in enumerate(self.layers):
@@ -1400,7 +1774,6 @@ class FastDecoder:
         """Record the step as a CUDA graph, after two warm-up runs on a side stream (they set up
         cuBLAS and compile; they write the first decode slot, which the first real step rewrites)."""
         import torch
-
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -1423,11 +1796,22 @@ class FastDecoder:
         return self.logits.clone()   # the next replay overwrites the graph's output
 
 
+def _rotary_tables(model, decoder, slots: int, device, dtype):
+    """cos and sin for every slot, as the model's rotary embedding computes them (float32, then the
+    model's dtype). Multimodal Qwens shift text positions after pictures by `rope_deltas`; past the
+    prompt all three of their position streams are equal, which is plain 1-D rotary."""
+    import torch
+    positions = torch.arange(slots, device=device, dtype=torch.float32) + _rope_delta(model)
+    angles = positions[:, None] * decoder.rotary_emb.inv_freq.float().to(device)[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    scaling = getattr(decoder.rotary_emb, "attention_scaling", 1.0)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
 def _rms_norm(x, weight, eps: float):
     """Qwen2RMSNorm's arithmetic (in float32, back to the input's dtype, then the weight), with
     PyTorch's fused norm: fewer kernels than the module's five operations."""
     from torch.nn import functional as F
-
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -1436,7 +1820,6 @@ def _layer_in(x, norm, qkv, qkv_bias, cos, sin, eps: float, shape: tuple):
     q, k, v as [1, heads, 1, head_dim]."""
     import torch
     from transformers.models.qwen2.modeling_qwen2 import rotate_half
-
     heads, kv_heads, head_dim = shape
     qkv = torch.nn.functional.linear(_rms_norm(x, norm, eps), qkv, qkv_bias).view(1, 1, -1, head_dim)
     qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
@@ -1445,17 +1828,12 @@ def _layer_in(x, norm, qkv, qkv_bias, cos, sin, eps: float, shape: tuple):
 
 
 def _layer_out(x, q, keys, values, empty, o, norm, gate_up, down, eps: float, scaling: float, shape: tuple):
-    """The rest of a decoder layer: attention over the cache (`empty` marks the slots not yet
-    filled), output projection, the MLP with gate and up in one product.
-
-    Attention is written out as transformers' "eager" attention does it, with the query heads
-    grouped onto the key/value head they share, so nothing is repeated: two small products and a
-    softmax. PyTorch's fused attention kernels are built for long queries; for this one-token
-    query against 2 key/value heads the memory-efficient kernel took 23 us a layer on an H100,
-    a fifth of the step (bench/profile_decode_step.py)."""
+    """The rest of a decoder layer: attention over the cache (`empty` marks the slots not yet filled),
+    output projection, the MLP with gate and up in one product. Attention groups the query heads onto
+    the key/value head they share (nothing repeated): two small products and a softmax, which for one
+    query token beat PyTorch's fused kernels (bench/profile_decode_step.py)."""
     import torch
     from torch.nn import functional as F
-
     heads, kv_heads, head_dim = shape
     grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling
@@ -1484,7 +1862,6 @@ def _fused_weights(layer) -> tuple:
 def _fuse(linears: list) -> tuple:
     """One weight (and bias) for several Linear modules that read the same input."""
     import torch
-
     weight = torch.cat([linear.weight for linear in linears])
     has_bias = all(linear.bias is not None for linear in linears)
     bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
@@ -1519,9 +1896,8 @@ def _decoding_settings(model, sampling: Sampling, prompt):
     """transformers' own view of the decoding asked for: (generation config, logits processors,
     end tokens), built by the same private helpers generate() uses, so that the fast decoder
     samples exactly as generate() would. None where those helpers or the mode are not what
-    this was written against: then generate() runs instead."""
+    this was written against: then generate() runs instead (choose_decoder)."""
     from transformers import LogitsProcessorList
-
     try:
         config, model_kwargs = model._prepare_generation_config(model.generation_config,
                                                                 **sampling.generate_kwargs())
@@ -1541,164 +1917,185 @@ def _decoding_settings(model, sampling: Sampling, prompt):
     return config, processors, end
 
 
-def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, settings,
-                  compile_layers: bool = False, lag: int | None = None) -> None:
-    """Decode like generate(): the prompt through the model's forward, then one token at a time
-    through a FastDecoder, each token handed to `streamer` as generate() would. On CUDA the step
-    is a CUDA graph and the text lags the GPU by up to STREAM_LAG_TOKENS, read back without
-    stalling it; the graph is captured (and the layers compiled) after the first token is out, so
-    that never waits on them."""
-    import collections
-    import inspect
+class Sampler:
+    """The next token, chosen on the device by transformers' own logits processors (temperature,
+    top-k, top-p, repetition penalty, min_new_tokens) and then greedily or by drawing from them."""
 
-    import torch
+    def __init__(self, settings):
+        self.config, self.processors, self.end = settings
 
-    config, processors, end = settings
-    prompt = inputs["input_ids"]
-    length, budget = prompt.shape[-1], sampling.max_new_tokens
-    ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
-    ids[:, :length] = prompt
-    streamer.put(prompt.cpu())
-
-    def pick(scores):
-        if config.do_sample:
+    def __call__(self, ids, logits):
+        """ids: the sequence so far [1, n]; logits: float32 [1, vocabulary] -> the token [1]."""
+        import torch
+        scores = self.processors(ids, logits)
+        if self.config.do_sample:
             return torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return torch.argmax(scores, dim=-1)
 
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(**inputs, **extra, **keep, use_cache=True)
-    ids[:, length] = pick(processors(prompt, out.logits[:, -1].to(copy=True, dtype=torch.float32)))
-    first = int(ids[0, length])
-    streamer.put(torch.tensor([first]))
-    if first in end or budget == 1:
-        streamer.end()
-        return
-    graph = prompt.device.type == "cuda"
-    compile_layers = compile_layers and prompt.device.type in COMPILING_DEVICES
-    decoder = FastDecoder(model, out.past_key_values, length, budget, graph or compile_layers, compile_layers)
-    del out
-    if graph:
-        decoder.capture()
-        host = torch.empty(length + budget, dtype=torch.long, pin_memory=True)
-    pending: collections.deque = collections.deque()   # slots computed but not yet shown
 
-    def show(count: int) -> bool:
-        """Hand the oldest `count` pending tokens to the streamer; True once an end token is out."""
-        if graph:
-            for _ in range(count):
-                slot, event = pending.popleft()
-                event.synchronize()   # waits for that token only; later steps keep the GPU busy
-                token = int(host[slot])
-                streamer.put(torch.tensor([token]))
-                if token in end:
-                    return True
-            return False
-        slots = [pending.popleft() for _ in range(count)]
-        for token in ids[0, slots[0]:slots[-1] + 1].tolist():   # one read for all of them
-            streamer.put(torch.tensor([token]))
-            if token in end:
-                return True
-        return False
-
-    if lag is None:   # on the CPU each token is ready when its step returns: nothing to gain
-        lag = STREAM_LAG_TOKENS if ids.device.type != "cpu" else 0
-    done = False
-    for slot in range(length + 1, length + budget):
-        logits = decoder.logits_at(ids[:, slot - 1], slot - 1)
-        ids[:, slot] = pick(processors(ids[:, :slot], logits))
-        if graph:
+def decode_tokens(step, sampler: Sampler, ids, start: int, stop: int, lag: int):
+    """Yield the tokens of slots start..stop-1 of `ids` [1, stop], each chosen from
+    step(previous token, its slot) -> logits, without waiting for them: on CUDA each token goes to
+    pinned host memory behind an event, so the device may run `lag` steps ahead of what is read
+    (the caller shows the tokens and stops at an end token; a step run past it is thrown away)."""
+    import torch
+    cuda = ids.device.type == "cuda"
+    host = torch.empty(stop, dtype=torch.long, pin_memory=True) if cuda else None
+    pending: collections.deque = collections.deque()
+    for slot in range(start, stop):
+        logits = step(ids[:, slot - 1], slot - 1)
+        ids[:, slot] = sampler(ids[:, :slot], logits)
+        event = None
+        if cuda:
             host[slot:slot + 1].copy_(ids[0, slot:slot + 1], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            pending.append((slot, event))
-        else:
-            pending.append(slot)
-        if len(pending) > lag and show(len(pending) - lag):
-            done = True
-            break
-    if not done and pending:
-        show(len(pending))
+        pending.append((slot, event))
+        while len(pending) > lag or (slot == stop - 1 and pending):
+            slot_read, event = pending.popleft()
+            if event is None:
+                yield int(ids[0, slot_read])
+            else:
+                event.synchronize()   # waits for that token only; later steps keep the device busy
+                yield int(host[slot_read])
+
+
+def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, decoder: Decoder) -> None:
+    """Decode like generate(): the prompt through the model's forward, then one token at a time
+    through a FastDecoder, each token handed to `streamer` as generate() would. The first token is
+    shown before the CUDA graph is captured (and the layers compiled), so it never waits on them."""
+    import torch
+    prompt = inputs["input_ids"]
+    length, budget = prompt.shape[-1], sampling.max_new_tokens
+    sampler = Sampler(_decoding_settings(model, sampling, prompt))
+    ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
+    ids[:, :length] = prompt
+    streamer.put(prompt.cpu())
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(**inputs, **extra, **keep, use_cache=True)
+    ids[:, length] = sampler(prompt, out.logits[:, -1].to(copy=True, dtype=torch.float32))
+    first = int(ids[0, length])
+    streamer.put(torch.tensor([first]))
+    if first not in sampler.end and budget > 1:
+        fused = decoder.kind in ("graph", "compiled")
+        steps = FastDecoder(model, out.past_key_values, length, budget, fused, decoder.kind == "compiled")
+        del out
+        if fused:
+            steps.capture()
+        for token in decode_tokens(steps.logits_at, sampler, ids, length + 1, length + budget, decoder.lag):
+            streamer.put(torch.tensor([token]))
+            if token in sampler.end:
+                break
     streamer.end()
 
 
-# --- generate: the answer, streamed ----------------------------------------------------
+# --- 10. an answer: generated, streamed, timed ---------------------------------------------------
 
-SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
-
-
-def generate(model, processor, inputs, sampling: Sampling, show: str, stats: Stats,
-             speech: Speech | None = None, use_audio_in_video: bool = False,
-             fast: bool = False, compile_layers: bool = False) -> tuple[str, object | None]:
-    """Generate, printing the answer to stdout as it comes, once at the end, or not at all (--json);
-    with `speech`, the full Omni model also speaks it: (text, 24 kHz samples or None). With `fast`
-    (never together with `speech`), text answers go through the FastDecoder where transformers' decoding settings allow it (its
-    layers compiled on CUDA with `compile_layers`).
-    Interrupted, the exception carries the text so far as `partial_text`."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    stream = show == SHOW_STREAM
-    streamer = _make_streamer(tokenizer, stream)
-    stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
-    start = time.perf_counter()
-    wav = None
-    try:
-        # Omni's positions interleave a video's sound with its pictures only when told so.
-        extra = {"use_audio_in_video": True} if use_audio_in_video else {}
-        settings = _decoding_settings(model, sampling, inputs["input_ids"]) if fast else None
-        if fast and settings is None:
-            say("🐢 These decoding settings need transformers' generate(); the fast decoder is not used")
-        if settings:
-            fast_generate(model, inputs, sampling, streamer, extra, settings, compile_layers)
-        elif speech is None:
-            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer)
-        else:
-            _, wav = model.generate(**speech_kwargs(inputs, sampling), **extra, speaker=speech.speaker,
-                                    talker_max_new_tokens=speech.max_codes, talker_min_new_tokens=speech.min_codes,
-                                    thinker_streamer=streamer)
-    except BaseException as exc:   # out of memory, Ctrl-C: end the partial answer's line, then let it rise
-        exc.partial_text = "".join(streamer.pieces)
-        if isinstance(exc, OutputClosed) or not exc.partial_text:
-            raise
-        if stream:
-            _write_stdout("\n")
-        elif show == SHOW_ONCE and isinstance(exc, KeyboardInterrupt):   # interrupted: what was generated
-            _write_stdout(exc.partial_text + "\n")
-        raise
-    end = time.perf_counter()
-    text = "".join(streamer.pieces)
-    if show != SHOW_NONE:
-        _write_stdout("\n" if stream else text + "\n")
-    times = streamer.token_times
-    stats.new_tokens = len(times)
-    if times:
-        stats.ttft_s = times[0] - start
-        stats.decode_s = times[-1] - times[0]
-        if len(times) > 1:
-            stats.decode_tokens_per_s = (len(times) - 1) / stats.decode_s
-            stats.second_token_s = times[1] - times[0]
-    if wav is not None:
-        wav = wav.reshape(-1).float().cpu().numpy()
-        stats.speech_s = end - (times[-1] if times else start)
-        stats.audio_seconds = len(wav) / SPEECH_SAMPLE_RATE
-    return text, wav
+def effective_sampling(generation_config, sampling: Sampling) -> dict:
+    """What decoding will really do: the flags over the model's own generation_config."""
+    kwargs = sampling.generate_kwargs()
+    settings = {"max_new_tokens": sampling.max_new_tokens,
+                "do_sample": bool(kwargs.get("do_sample", generation_config.do_sample))}
+    if settings["do_sample"]:
+        settings.update({k: kwargs.get(k, getattr(generation_config, k, None)) for k in ("temperature", "top_p", "top_k")})
+    return settings
 
 
-def speech_kwargs(inputs, sampling: Sampling) -> dict:
+def describe_sampling(generation_config, sampling: Sampling) -> str:
+    settings = effective_sampling(generation_config, sampling)
+    if not settings["do_sample"]:
+        return "🎯 Greedy decoding" + (" (--temperature 0)" if sampling.temperature == 0 else "")
+    values = {k: settings[k] for k in ("temperature", "top_p", "top_k")}
+    return "🎲 Sampling: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
+
+
+def make_streamer(tokenizer, stream: bool):
+    """A TextStreamer that prints to stdout as text is finalised (when `stream`) and notes when each
+    token arrives. It runs in the decoding loop's own thread: TextIteratorStreamer's second thread
+    made CUDA decoding several times slower (bench/stream_overhead.py)."""
+    from transformers import TextStreamer
+
+    class PrintingStreamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.token_times: list[float] = []
+            self.pieces: list[str] = []
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                self.token_times.append(time.perf_counter())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.pieces.append(text)
+            if stream and text:
+                write_stdout(text)
+
+        @property
+        def text(self) -> str:
+            return "".join(self.pieces)
+
+    return PrintingStreamer()
+
+
+def speech_kwargs(inputs, sampling: Sampling, speech: Speech) -> dict:
     """Arguments for Qwen2.5-Omni's full generate(): sampling settings go to the thinker only, and so
     do the pictures: un-prefixed pixel values would reach the talker too, which rejects them
-    (transformers 5.17-5.24; FIELD_NOTES.md). Grid sizes stay shared: the talker needs them for
-    positions."""
+    (transformers 5.17-5.24). Grid sizes stay shared: the talker needs them for positions."""
     kwargs = dict(inputs)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in kwargs:
             kwargs[f"thinker_{key}"] = kwargs.pop(key)
     thinker = {f"thinker_{key}": value for key, value in sampling.generate_kwargs().items()}
-    return {**kwargs, **thinker}
+    return {**kwargs, **thinker, "speaker": speech.speaker, "talker_max_new_tokens": speech.max_codes,
+            "talker_min_new_tokens": speech.min_codes}
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One generation: the text, the spoken reply if any, and when each token came."""
+    text: str
+    wav: object | None          # 24 kHz float32 samples
+    prompt_tokens: int
+    token_times: tuple[float, ...]
+    start: float                # perf_counter() when generation began
+    end: float
+
+
+def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speech: Speech | None = None,
+                    use_audio_in_video: bool = False) -> Answer:
+    """Generate with the decoder chosen at load time, printing the answer to stdout as it comes,
+    once at the end, or not at all (--json); with `speech`, the full Omni model also speaks it.
+    Ctrl-C raises Interrupted with the text so far."""
+    streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM)
+    model, wav = loaded.model, None
+    extra = {"use_audio_in_video": True} if use_audio_in_video else {}   # Omni interleaves a video's sound
+    start = time.perf_counter()
+    try:
+        if loaded.decoder.fast:
+            fast_generate(model, inputs, sampling, streamer, extra, loaded.decoder)
+        elif speech is None:
+            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer)
+        else:
+            _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
+    except BaseException as exc:   # out of memory, Ctrl-C: the answer so far keeps its line, then it rises
+        if streamer.text and not isinstance(exc, OutputClosed):
+            stopped = show == SHOW_ONCE and isinstance(exc, (KeyboardInterrupt, Terminated))
+            write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n" if stopped else "")
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+            raise Interrupted(streamer.text) from exc
+        raise
+    end = time.perf_counter()
+    if show != SHOW_NONE:
+        write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n")
+    if wav is not None:
+        wav = wav.reshape(-1).float().cpu().numpy()
+    return Answer(streamer.text, wav, int(inputs["input_ids"].shape[-1]), tuple(streamer.token_times), start, end)
 
 
 def peak_memory(device: str) -> tuple[int | None, str]:
     """Peak memory of the device used: CUDA max allocated, MPS driver memory, or process RSS."""
     import torch
-
     if device == "cuda":
         return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())), \
             "CUDA max allocated"
@@ -1711,6 +2108,47 @@ def peak_memory(device: str) -> tuple[int | None, str]:
     except ImportError:   # Windows
         import psutil
         return psutil.Process().memory_info().rss, "process RSS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """The figures of one answer, for the stats line, --verbose and --json."""
+    device: str
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = ""
+    media_decode_s: float = 0.0
+    decode_s: float | None = None        # first to last new token
+    second_token_s: float | None = None  # first to second: the fast decoder's setup (graph capture, compiling)
+    speech_s: float | None = None        # talker + token2wav, after the last text token
+    device_map: dict | None = None       # where the weights went
+    dtype: str = ""
+    audio_seconds: float | None = None   # length of the spoken reply
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Seconds spent making speech per second of speech: below 1 is faster than real time."""
+        return self.speech_s / self.audio_seconds if self.speech_s is not None and self.audio_seconds else None
+
+
+def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float) -> Stats:
+    times, figures = answer.token_times, {}
+    if times:
+        figures.update(ttft_s=times[0] - answer.start, decode_s=times[-1] - times[0])
+        if len(times) > 1:
+            figures.update(decode_tokens_per_s=(len(times) - 1) / figures["decode_s"],
+                           second_token_s=times[1] - times[0])
+    if answer.wav is not None:
+        figures.update(speech_s=answer.end - (times[-1] if times else answer.start),
+                       audio_seconds=len(answer.wav) / SPEECH_SAMPLE_RATE)
+    peak, kind = peak_memory(loaded.plan.device)
+    return Stats(device=loaded.plan.device, load_s=loaded.load_s, prompt_tokens=answer.prompt_tokens,
+                 new_tokens=len(times), peak_memory_bytes=peak, peak_memory_kind=kind, media_decode_s=media_decode_s,
+                 device_map=loaded.device_map, dtype=loaded.plan.dtype, **figures)
 
 
 def describe_stats(stats: Stats) -> str:
@@ -1729,59 +2167,22 @@ def describe_stats(stats: Stats) -> str:
     return f"📈 {stats.device}: " + " · ".join(parts)
 
 
-# --- running, with one retry on the CPU when memory runs out ---------------------------
+def describe_stages(stats: Stats) -> str:
+    """--verbose: where the time went, stage by stage."""
+    parts = [f"load {stats.load_s:.2f} s", f"media decode {stats.media_decode_s:.2f} s"]
+    if stats.ttft_s is not None:
+        parts.append(f"encoding and prefill {stats.ttft_s:.2f} s")
+    if stats.decode_s is not None:
+        parts.append(f"decode {stats.decode_s:.2f} s ({max(stats.new_tokens - 1, 0)} tokens, the first of them "
+                     f"after {stats.second_token_s or 0:.2f} s)")
+    if stats.speech_s is not None:
+        parts.append(f"speech {stats.speech_s:.2f} s")
+    return "⏱️ " + " · ".join(parts)
 
-OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate",
-                         "not enough memory", "cannot allocate memory")
 
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM, MPS 'out of memory', failed CPU allocations."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if torch.backends.mps.is_available():
-        torch.mps.empty_cache()
-
+# --- 11. one turn: inputs, the answer, the spoken reply; the CPU when memory runs out ----------
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-    """Everything about the run but the plan: what to load and what to ask it."""
-    info: ModelInfo
-    messages: list
-    sampling: Sampling
-    show: str                     # SHOW_STREAM, SHOW_ONCE or SHOW_NONE
-    thinker_only: bool
-    trust_remote_code: bool
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    media: Media | None = None
-    speech: Speech | None = None
-    output_audio: Path | None = None
-    fast_decode: bool = True      # --no_fast_decode turns it off
-    context_window: int | None = None   # the most tokens the model reads: prompt and answer together
-    compile_layers: bool = False  # --compile
-
-
-@dataclasses.dataclass
-class Loaded:
-    """A model on its device, ready to answer one turn after another."""
-    model: object
-    processor: object
-    plan: Plan
-    load_s: float
-    device_map: dict
-    fast: bool = False            # text answers through the FastDecoder
-
-
-@dataclasses.dataclass
 class Outcome:
     """One answer and how it was made."""
     text: str
@@ -1790,79 +2191,14 @@ class Outcome:
     audio_path: Path | None = None
 
 
-def load(job: Job, plan: Plan, hw: Hardware) -> Loaded:
-    import torch
-
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    model, processor = load_model(job.info, plan, hw, job.thinker_only, job.trust_remote_code, job.max_pixels)
-    device_map = {name: str(where) for name, where in (getattr(model, "hf_device_map", None) or
-                                                       {"": str(model.device)}).items()}
-    loaded = Loaded(model, processor, plan, time.perf_counter() - start, device_map)
-    say(describe_sampling(model.generation_config, job.sampling))
-    if job.speech is None:
-        loaded.fast = describe_decoding(model, plan.device, job)
-    else:
-        say("🐢 Decoding with transformers' generate(): a spoken reply needs the full model's own loop")
-    return loaded
-
-
-def describe_decoding(model, device: str, job: Job) -> bool:
-    """Say how the answer will be decoded; True when the FastDecoder will do it."""
-    if not job.fast_decode:
-        say("🐢 Decoding with transformers' generate() (--no_fast_decode)")
-        return False
-    why_not = fast_decoding_unsupported(model)
-    if why_not:
-        say(f"🐢 Decoding with transformers' generate(): the fast decoder does not handle {why_not}")
-        return False
-    steps = "one CUDA graph per step" if device == "cuda" else "one step at a time"
-    if job.compile_layers and device not in COMPILING_DEVICES:
-        say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
-            "torch.compile is still experimental)")
-    if job.compile_layers and device in COMPILING_DEVICES:
-        say(f"⚡ Fast decoding: a static KV cache, {steps}, the layers compiled first (--compile: seconds "
-            "before the second token, then faster)")
-    else:
-        say(f"⚡ Fast decoding: a static KV cache, {steps} (--compile: faster after seconds of compiling, for long "
-            "answers; --no_fast_decode: transformers' generate())")
-    return True
-
-
-def answer(loaded: Loaded, job: Job, messages: list, media: Media | None) -> Outcome:
-    """One turn: inputs through the processor, generation, the spoken reply if asked for."""
-    import torch
-
-    stats = Stats(device=loaded.plan.device, load_s=loaded.load_s, device_map=loaded.device_map,
-                  dtype=loaded.plan.dtype, media_decode_s=media.decode_s if media else 0.0)
-    sampling = effective_sampling(loaded.model.generation_config, job.sampling)
-    inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
-    wanted = fit_context(job, int(inputs["input_ids"].shape[-1]))
-    use_audio_in_video = bool(media and media.use_audio_in_video and media.videos)
-    with torch.inference_mode():
-        text, wav = generate(loaded.model, loaded.processor, inputs, wanted, job.show, stats, job.speech,
-                             use_audio_in_video, loaded.fast, job.compile_layers)
-    stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(loaded.plan.device)
-    if job.output_audio is None:
-        return Outcome(text, stats, sampling)
-    if wav is None or not len(wav):
-        raise RunError("the model answered in text but produced no speech, so no WAV was written; "
-                       "keep the default system prompt, which Qwen2.5-Omni needs to speak")
-    write_wav(job.output_audio, wav, SPEECH_SAMPLE_RATE)
-    say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {job.output_audio}")
-    return Outcome(text, stats, sampling, job.output_audio)
-
-
-def fit_context(job: Job, prompt_tokens: int) -> Sampling:
+def fit_context(sampling: Sampling, window: int | None, prompt_tokens: int, model_id: str) -> Sampling:
     """The sampling settings for a prompt of this many tokens: a prompt the model cannot read is
     refused before generating; an answer that would run past the context window is cut to fit."""
-    window, sampling = job.context_window, job.sampling
     if not window:
         return sampling
     if prompt_tokens >= window:
         raise UsageError(f"--prompt: the prompt is {prompt_tokens:,} tokens (with the chat template and any "
-                         f"attached files), and {job.info.model_id} reads at most {window:,}; shorten it, or attach "
+                         f"attached files), and {model_id} reads at most {window:,}; shorten it, or attach "
                          "fewer or smaller files (--max_pixels)")
     room = window - prompt_tokens
     if sampling.max_new_tokens <= room:
@@ -1872,17 +2208,44 @@ def fit_context(job: Job, prompt_tokens: int) -> Sampling:
     return dataclasses.replace(sampling, max_new_tokens=room, min_new_tokens=min(sampling.min_new_tokens, room))
 
 
-def run_plan(job: Job, plan: Plan, hw: Hardware) -> Outcome:
-    """Load, prepare the inputs, generate."""
-    loaded = load(job, plan, hw)
-    try:
-        return answer(loaded, job, job.messages, job.media)
-    finally:
-        del loaded   # not kept alive by a traceback while the CPU retry loads its own copy
+def write_wav(path: Path, samples, rate: int) -> None:
+    """A 16-bit PCM WAV, written atomically."""
+    import soundfile
+    write_atomically(path, lambda temporary: soundfile.write(temporary, samples, rate, subtype="PCM_16",
+                                                             format="WAV"))
+
+
+def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media,
+           speech: Speech | None = None) -> Outcome:
+    """One turn: inputs through the processor, generation, the spoken reply if asked for."""
+    import torch
+    sampling = effective_sampling(loaded.model.generation_config, options.sampling)
+    inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
+    wanted = fit_context(options.sampling, facts.context_window, int(inputs["input_ids"].shape[-1]), facts.model_id)
+    use_audio_in_video = bool(media.use_audio_in_video and media.videos)
+    with torch.inference_mode():
+        result = generate_answer(loaded, inputs, wanted, options.show, speech, use_audio_in_video)
+    stats = stats_of(result, loaded, media.decode_s)
+    if options.output_audio is None:
+        return Outcome(result.text, stats, sampling)
+    if result.wav is None or not len(result.wav):
+        raise RunError("the model answered in text but produced no speech, so no WAV was written; "
+                       "keep the default system prompt, which Qwen2.5-Omni needs to speak")
+    write_wav(options.output_audio, result.wav, SPEECH_SAMPLE_RATE)
+    say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {options.output_audio}")
+    return Outcome(result.text, stats, sampling, options.output_audio)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, MPS 'out of memory', failed CPU allocations."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
 
 
 def with_cpu_fallback(step, plan: Plan, hw: Hardware):
     """step(plan); if memory runs out on an accelerator, free it and do step once more on the CPU."""
+    from accelerate.utils.memory import clear_device_cache
     try:
         return step(plan)
     except Exception as exc:
@@ -1892,7 +2255,7 @@ def with_cpu_fallback(step, plan: Plan, hw: Hardware):
             raise RunError(f"out of memory on the CPU; try a smaller model such as {SMALLER_MODEL_HINT} "
                            "or fewer --max_new_tokens") from exc
         failed = plan.device
-    free_memory()
+    clear_device_cache(garbage_collection=True)
     fallback = cpu_plan(hw, plan, f"⚠️ Out of memory on {failed}: freed it, retrying once on the CPU")
     for line in fallback.reasons:
         say(line)
@@ -1905,12 +2268,206 @@ def with_cpu_fallback(step, plan: Plan, hw: Hardware):
         raise
 
 
-def run_with_fallback(job: Job, plan: Plan, hw: Hardware) -> Outcome:
-    """Run the plan; if memory runs out on an accelerator, free it and retry once on the CPU."""
-    return with_cpu_fallback(lambda p: run_plan(job, p, hw), plan, hw)
+def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media,
+                speech: Speech | None) -> Outcome:
+    """Load, answer the one prompt; on the CPU once more if memory runs out."""
+    messages = build_messages(options.prompt or "", options.system_prompt, media, info.kind)
+
+    def attempt(attempt_plan: Plan) -> Outcome:
+        loaded = load(info, attempt_plan, hw, options)
+        try:
+            return answer(loaded, options, facts, messages, media, speech)
+        finally:
+            del loaded   # not kept alive by a traceback while the CPU retry loads its own copy
+    return with_cpu_fallback(attempt, plan, hw)
 
 
-# --- offline self-test --------------------------------------------------------------
+STATS_RECORDED = ("load_s", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes",
+                  "device", "media_decode_s", "decode_s", "second_token_s", "speech_s", "audio_seconds")
+
+
+def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: int | None) -> dict:
+    """--json: the answer, the plan, the figures and what it takes to reproduce the run."""
+    import accelerate
+    import torch
+    import transformers
+    stats = outcome.stats
+    return {
+        "text": outcome.text,
+        "audio_path": str(outcome.audio_path) if outcome.audio_path else None,
+        "plan": plan_record,
+        "stats": {name: getattr(stats, name) for name in STATS_RECORDED},
+        "reproducibility": {
+            "model_id": info.model_id, "revision": info.revision or None, "path": info.path,
+            "dtype": stats.dtype, "device_map": stats.device_map, "seed": seed, "sampling": outcome.sampling,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        },
+    }
+
+
+# --- 12. chat --------------------------------------------------------------------------------
+
+CHAT_HELP = ("Commands: /image PATH, /audio PATH, /video PATH (attach to your next message) · /clear (forget the "
+             "conversation) · /save FILE (the conversation as JSON) · /stats (the last answer's figures) · /help · "
+             "/exit (or Ctrl-D). Ctrl-C stops an answer.")
+
+
+@dataclasses.dataclass
+class Conversation:
+    """The chat so far: the messages the model sees (their media inside them), and a record to save."""
+    info: ModelInfo
+    options: Options
+    messages: list = dataclasses.field(default_factory=list)
+    record: list = dataclasses.field(default_factory=list)      # {"role", "text", "attachments"}
+    pending: Media = dataclasses.field(default_factory=Media)   # attached to the next message
+    pending_paths: list = dataclasses.field(default_factory=list)
+    turn_decode_s: float = 0.0                                  # the last message's media decode time
+    last: Outcome | None = None                                 # the last answer, for /stats
+
+    def __post_init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages = build_messages("", self.options.system_prompt, Media(), self.info.kind)[:-1]   # system only
+        self.record, self.pending_paths = [], []
+        self.pending = Media(use_audio_in_video=self.options.use_audio_in_video)
+
+    def attach(self, modality: str, path: str) -> None:
+        """Decode a file now (so a bad one is said at once) for the next message."""
+        if modality not in self.info.inputs:
+            raise UsageError(f"/{modality}: {self.info.model_id} cannot take {modality}")
+        start = time.perf_counter()
+        if modality == "image":
+            self.pending.images.append(load_image(path, "/image"))
+        elif modality == "audio":
+            self.pending.audios += audio_pieces(load_audio(path, "/audio"), f"/audio {path}")
+        else:
+            self.pending.videos.append(load_video(path, self.options.fps, self.options.use_audio_in_video, "/video"))
+        self.pending.decode_s += time.perf_counter() - start
+        self.pending_paths.append(path)
+
+    def ask(self, text: str) -> None:
+        self.messages.append(build_messages(text, None, self.pending, self.info.kind)[-1])
+        self.record.append({"role": "user", "text": text, "attachments": self.pending_paths})
+        self.turn_decode_s = self.pending.decode_s
+        self.pending, self.pending_paths = Media(use_audio_in_video=self.options.use_audio_in_video), []
+
+    def media(self) -> Media:
+        media = media_of(self.messages, self.options.use_audio_in_video)
+        media.decode_s = self.turn_decode_s
+        return media
+
+    def take_back(self) -> None:
+        """The last question failed: forget it (its media go with it)."""
+        self.messages.pop()
+        self.record.pop()
+
+    def reply(self, text: str) -> None:
+        content = text if self.info.kind == "text" else [{"type": "text", "text": text}]
+        self.messages.append({"role": "assistant", "content": content})
+        self.record.append({"role": "assistant", "text": text, "attachments": []})
+
+
+def _attach(chat: Conversation, command: str, rest: str) -> None:
+    if not rest:
+        raise UsageError(f"{command} needs a file: {command} PATH")
+    chat.attach(command[1:], rest)
+    say(f"📎 {rest} will go with your next message")
+
+
+def _clear(chat: Conversation, command: str, rest: str) -> None:
+    chat.clear()
+    say("🧹 Cleared: a new conversation")
+
+
+def _save(chat: Conversation, command: str, rest: str) -> None:
+    if not rest:
+        raise UsageError("/save needs a file: /save chat.json")
+    target = Path(rest).expanduser()
+    if target.is_dir() or not target.parent.is_dir():
+        raise UsageError(f"/save {rest}: give a file in a folder that exists")
+    text = json.dumps({"model_id": chat.info.model_id, "messages": chat.record}, indent=2, ensure_ascii=False)
+    write_atomically(target, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
+    say(f"💾 Saved {len(chat.record)} messages to {target}")
+
+
+def _stats(chat: Conversation, command: str, rest: str) -> None:
+    say(describe_stats(chat.last.stats) + "\n" + describe_stages(chat.last.stats) if chat.last else "No answer yet")
+
+
+# /command -> what it does with (conversation, command, the rest of the line); None leaves the chat
+CHAT_COMMANDS = {"/help": lambda chat, command, rest: say(CHAT_HELP), "/image": _attach, "/audio": _attach,
+                 "/video": _attach, "/clear": _clear, "/save": _save, "/stats": _stats, "/exit": None, "/quit": None}
+
+
+def _next_line(queue: list, terminal: bool) -> str | None:
+    """The next message or command; None at the end of input (Ctrl-D)."""
+    if queue:
+        return queue.pop()
+    while True:
+        if terminal:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:   # Ctrl-C at the prompt: a new prompt
+            say("")
+            continue
+        return line or None
+
+
+def _chat_turn(conversation: Conversation, loaded: Loaded, facts: ModelFacts) -> None:
+    """Answer the last message; a failed turn is one Error: line and the chat goes on."""
+    try:
+        conversation.last = answer(loaded, conversation.options, facts, conversation.messages, conversation.media())
+    except Interrupted as exc:
+        conversation.reply(exc.text)
+        say("⏹️ Stopped; the answer so far stays in the conversation")
+        return
+    except Exception as exc:   # out of memory, a bad turn: the session goes on
+        conversation.take_back()
+        what = "out of memory; /clear starts a shorter conversation" if is_out_of_memory(exc) else \
+            str(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {exc}"
+        say(f"Error: {what}")
+        return
+    conversation.reply(conversation.last.text)
+    if conversation.options.verbose:
+        say(describe_stages(conversation.last.stats))
+
+
+def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
+    """--interactive: load once, then answer message after message, keeping the history.
+    From a terminal it prompts; from a pipe it reads one message per line."""
+    loaded = with_cpu_fallback(lambda p: load(info, p, hw, options), plan, hw)
+    conversation = Conversation(info, options)
+    conversation.pending = media
+    conversation.pending_paths = [*options.image_paths, *options.audio_paths, *options.video_paths]
+    terminal = sys.stdin.isatty()
+    say("💬 Chat: type a message and press Enter; /help lists the commands")
+    queue = [options.prompt] if options.prompt else []
+    while (line := _next_line(queue, terminal)) is not None:
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("/"):
+            conversation.ask(line)
+            _chat_turn(conversation, loaded, facts)
+            continue
+        command, _, rest = line.partition(" ")
+        if command in CHAT_COMMANDS and CHAT_COMMANDS[command] is None:
+            break
+        try:
+            if command not in CHAT_COMMANDS:
+                raise UsageError(f"{command}: unknown command; /help lists them")
+            CHAT_COMMANDS[command](conversation, command, rest.strip())
+        except (UsageError, OSError) as exc:
+            say(f"Error: {exc}")
+    say("👋 Bye")
+    return EXIT_OK
+
+
+# --- 13. self-test, offline ----------------------------------------------------------------
 
 QWEN_CHAT_TEMPLATE = (   # Qwen2.5 Instruct's chat format (without tool calls)
     "{%- for message in messages %}"
@@ -1929,7 +2486,6 @@ SELF_TEST_CORPUS = ["Hello! How can I help you today?", "The cat sat on the warm
 def train_tokenizer(corpus: list[str], special_tokens: list[str], chat_template: str, vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen's pre-tokenizer, trained here on a few sentences."""
     from transformers import Qwen2Tokenizer
-
     tokenizer = Qwen2Tokenizer().train_new_from_iterator([corpus * 4], vocab_size=vocab_size, show_progress=False,
                                                          new_special_tokens=special_tokens)
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
@@ -1944,7 +2500,6 @@ def build_tiny_qwen2(folder: Path, corpus: list[str] = SELF_TEST_CORPUS,
     initializer_range 0.2 rather than 0.02: near-flat logits would make it answer only newlines."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = train_tokenizer(corpus, special_tokens, QWEN_CHAT_TEMPLATE)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            (("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>"))}
@@ -1957,23 +2512,21 @@ def build_tiny_qwen2(folder: Path, corpus: list[str] = SELF_TEST_CORPUS,
     return folder
 
 
-def self_test(hw: Hardware, request: Request, debug: bool) -> int:
+def self_test(hw: Hardware, options: Options) -> int:
     """Check this installation offline: a tiny model through the real loading and generation path."""
-    import tempfile
-
-    _quiet_libraries(debug)
+    quiet_libraries(options.debug)
     with tempfile.TemporaryDirectory(prefix="run_multimodal_selftest_") as folder:
         start = time.perf_counter()
         build_tiny_qwen2(Path(folder))
         say(f"🧪 Built a tiny random-weight Qwen2 model in {time.perf_counter() - start:.1f} s")
         info = resolve_model(folder)
         facts = model_facts(load_config(info, False), info, False)
-        plan = choose_plan(hw, facts, request)
+        options = dataclasses.replace(options, prompt="Say hello.", show=SHOW_ONCE,
+                                      sampling=Sampling(max_new_tokens=8, temperature=0))
+        plan = choose_plan(hw, facts, options)
         for line in plan.reasons:
             say(line)
-        job = Job(info, build_messages("Say hello.", None, Media(), "text"), Sampling(max_new_tokens=8, temperature=0),
-                  show=SHOW_ONCE, thinker_only=False, trust_remote_code=False)
-        stats = run_with_fallback(job, plan, hw).stats
+        stats = answer_once(info, facts, plan, hw, options, Media(), None).stats
     say(describe_stats(stats))
     if stats.new_tokens < 1:
         raise RunError("self-test: the tiny model generated no tokens")
@@ -1981,540 +2534,62 @@ def self_test(hw: Hardware, request: Request, debug: bool) -> int:
     return EXIT_OK
 
 
-# --- results for scripts, and the conversation ------------------------------------------
-
-def describe_stages(stats: Stats) -> str:
-    """--verbose: where the time went, stage by stage."""
-    parts = [f"load {stats.load_s:.2f} s", f"media decode {stats.media_decode_s:.2f} s"]
-    if stats.ttft_s is not None:
-        parts.append(f"encoding and prefill {stats.ttft_s:.2f} s")
-    if stats.decode_s is not None:
-        parts.append(f"decode {stats.decode_s:.2f} s ({max(stats.new_tokens - 1, 0)} tokens, the first of them "
-                     f"after {stats.second_token_s or 0:.2f} s)")
-    if stats.speech_s is not None:
-        parts.append(f"speech {stats.speech_s:.2f} s")
-    return "⏱️ " + " · ".join(parts)
-
-
-def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: int | None) -> dict:
-    """--json: the answer, the plan, the figures and what it takes to reproduce the run."""
-    import accelerate
-    import torch
-    import transformers
-
-    stats = outcome.stats
-    return {
-        "text": outcome.text,
-        "audio_path": str(outcome.audio_path) if outcome.audio_path else None,
-        "plan": plan_record,
-        "stats": {"load_s": stats.load_s, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
-                  "ttft_s": stats.ttft_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
-                  "peak_memory_bytes": stats.peak_memory_bytes, "device": stats.device,
-                  "media_decode_s": stats.media_decode_s, "decode_s": stats.decode_s,
-                  "second_token_s": stats.second_token_s, "speech_s": stats.speech_s,
-                  "audio_seconds": stats.audio_seconds},
-        "reproducibility": {
-            "model_id": info.model_id, "revision": info.revision or None, "path": info.path,
-            "dtype": stats.dtype, "device_map": stats.device_map, "seed": seed, "sampling": outcome.sampling,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-        },
-    }
-
-
-CHAT_HELP = ("Commands: /image PATH, /audio PATH, /video PATH (attach to your next message) · /clear (forget the "
-             "conversation) · /save FILE (the conversation as JSON) · /stats (the last answer's figures) · /help · "
-             "/exit (or Ctrl-D). Ctrl-C stops an answer.")
-
-
-@dataclasses.dataclass
-class Conversation:
-    """The chat so far: the messages the model sees, their media, and a record to save."""
-    kind: str
-    system_prompt: str | None
-    use_audio_in_video: bool
-    messages: list = dataclasses.field(default_factory=list)
-    media: Media = dataclasses.field(default_factory=Media)
-    record: list = dataclasses.field(default_factory=list)      # {"role", "text", "attachments"}
-    pending: Media = dataclasses.field(default_factory=Media)
-    pending_paths: list = dataclasses.field(default_factory=list)
-
-    def __post_init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.messages = build_messages("", self.system_prompt, Media(), self.kind)[:-1]   # the system turn only
-        self.media = Media(use_audio_in_video=self.use_audio_in_video)
-        self.record, self.pending, self.pending_paths = [], Media(use_audio_in_video=self.use_audio_in_video), []
-
-    def attach(self, modality: str, path: str, info: ModelInfo, fps: float) -> None:
-        """Decode a file now (so a bad one is said at once) for the next message."""
-        if modality not in info.inputs:
-            raise UsageError(f"/{modality}: {info.model_id} cannot take {modality}")
-        start = time.perf_counter()
-        if modality == "image":
-            self.pending.images.append(load_image(path, "/image"))
-        elif modality == "audio":
-            self.pending.audios += audio_pieces(load_audio(path, "/audio"), f"/audio {path}")
-        else:
-            self.pending.videos.append(load_video(path, fps, self.use_audio_in_video, "/video"))
-        self.pending.decode_s += time.perf_counter() - start
-        self.pending_paths.append(path)
-
-    def ask(self, text: str) -> None:
-        user = build_messages(text, None, self.pending, self.kind)[-1]
-        self.messages.append(user)
-        for name in ("images", "audios", "videos"):
-            getattr(self.media, name).extend(getattr(self.pending, name))
-        self.media.decode_s = self.pending.decode_s   # this turn's, for its stats
-        self.record.append({"role": "user", "text": text, "attachments": self.pending_paths})
-        self.pending, self.pending_paths = Media(use_audio_in_video=self.use_audio_in_video), []
-
-    def take_back(self) -> None:
-        """The last question failed: forget it (and its media)."""
-        user = self.messages.pop()
-        self.record.pop()
-        if isinstance(user["content"], list):
-            for name, key in (("images", "image"), ("audios", "audio"), ("videos", "video")):
-                count = sum(1 for item in user["content"] if item.get("type") == key)
-                if count:
-                    del getattr(self.media, name)[-count:]
-
-    def reply(self, text: str) -> None:
-        content = text if self.kind == "text" else [{"type": "text", "text": text}]
-        self.messages.append({"role": "assistant", "content": content})
-        self.record.append({"role": "assistant", "text": text, "attachments": []})
-
-
-def chat(job: Job, plan: Plan, hw: Hardware, args: argparse.Namespace, first_prompt: str | None) -> int:
-    """--interactive: load once, then answer message after message, keeping the history.
-    From a terminal it prompts; from a pipe it reads one message per line."""
-    loaded = with_cpu_fallback(lambda p: load(job, p, hw), plan, hw)
-    conversation = Conversation(job.info.kind, args.system_prompt, args.use_audio_in_video)
-    conversation.pending = job.media or Media()
-    conversation.pending_paths = [*args.image_path, *args.audio_path, *args.video_path]
-    terminal = sys.stdin.isatty()
-    say("💬 Chat: type a message and press Enter; /help lists the commands")
-    last: Outcome | None = None
-    queue = [first_prompt] if first_prompt else []
-    while True:
-        if queue:
-            line = queue.pop()
-        else:
-            if terminal:
-                sys.stderr.write("you> ")
-                sys.stderr.flush()
-            try:
-                line = sys.stdin.readline()
-            except KeyboardInterrupt as exc:
-                if isinstance(exc, (Terminated, OutputClosed)):
-                    raise
-                say("")
-                continue
-            if not line:   # end of input, Ctrl-D
-                break
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            rest = rest.strip()
-            try:
-                if command in ("/exit", "/quit"):
-                    break
-                if command == "/help":
-                    say(CHAT_HELP)
-                elif command in ("/image", "/audio", "/video"):
-                    if not rest:
-                        raise UsageError(f"{command} needs a file: {command} PATH")
-                    conversation.attach(command[1:], rest, job.info, args.fps)
-                    say(f"📎 {rest} will go with your next message")
-                elif command == "/clear":
-                    conversation.clear()
-                    say("🧹 Cleared: a new conversation")
-                elif command == "/save":
-                    if not rest:
-                        raise UsageError("/save needs a file: /save chat.json")
-                    target = Path(rest).expanduser()
-                    if target.is_dir() or not target.parent.is_dir():
-                        raise UsageError(f"/save {rest}: give a file in a folder that exists")
-                    record = {"model_id": job.info.model_id, "messages": conversation.record}
-                    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
-                    write_atomically(target, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-                    say(f"💾 Saved {len(conversation.record)} messages to {target}")
-                elif command == "/stats":
-                    say(describe_stats(last.stats) + "\n" + describe_stages(last.stats) if last else
-                        "No answer yet")
-                else:
-                    raise UsageError(f"{command}: unknown command; /help lists them")
-            except (UsageError, OSError) as exc:
-                say(f"Error: {exc}")
-            continue
-        conversation.ask(line)
-        try:
-            last = answer(loaded, job, conversation.messages, conversation.media)
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, (Terminated, OutputClosed)):
-                raise
-            conversation.reply(getattr(exc, "partial_text", ""))
-            say("⏹️ Stopped; the answer so far stays in the conversation")
-            continue
-        except Exception as exc:   # out of memory, a bad turn: the session goes on
-            conversation.take_back()
-            what = "out of memory; /clear starts a shorter conversation" if is_out_of_memory(exc) else \
-                str(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {exc}"
-            say(f"Error: {what}")
-            continue
-        conversation.reply(last.text)
-        if args.verbose:
-            say(describe_stages(last.stats))
-    say("👋 Bye")
-    return EXIT_OK
-
-
-# --- command line -------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with usage errors as one line naming the flag (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"Error: {message} (see --help)\n")
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
-        return value
-    return parse
-
-
-def _float_in(low: float, high: float, low_open: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if not (low < value if low_open else low <= value) or not value <= high or value != value:
-            bracket = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
-        return value
-    return parse
-
-
-def _hardware_spec(text: str) -> str:
-    parse_hardware_spec(text)
-    return text.strip().lower()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="run_multimodal.py",
-        description="Run Qwen's multimodal and text models on this machine: picks device, dtype and "
-                    "quantization from the hardware and the model's exact size, streams the answer to stdout.",
-        epilog="Example: python run_multimodal.py --prompt \"Describe this image\" "
-               "--image_path sample_data/sample_image.jpg")
-    model = parser.add_argument_group("model and input")
-    model.add_argument("--model_id", default=DEFAULT_MODEL_ID,
-                       help=f"Hugging Face model id or local model folder (default: {DEFAULT_MODEL_ID})")
-    model.add_argument("--prompt", help="the question or instruction; '-' reads it from stdin")
-    model.add_argument("--image_path", action="append", default=[], metavar="PATH",
-                       help="an image to show the model; give the flag again for more images")
-    model.add_argument("--audio_path", action="append", default=[], metavar="PATH",
-                       help="a recording for the model to hear (WAV, FLAC, OGG, MP3; any rate, any channels); "
-                            "repeat for more (Omni models)")
-    model.add_argument("--video_path", action="append", default=[], metavar="PATH",
-                       help="a video for the model to watch (MP4, MOV, WebM); repeat for more")
-    model.add_argument("--fps", type=_float_in(0, MAX_FPS, low_open=True), default=DEFAULT_FPS,
-                       help=f"video frames sampled per second (default: {DEFAULT_FPS:g})")
-    model.add_argument("--use_audio_in_video", action="store_true",
-                       help="also let an Omni model hear the videos' sound tracks, as Qwen recommends")
-    model.add_argument("--system_prompt", help="replace the model's default system prompt")
-    model.add_argument("--max_pixels", type=_int_at_least(MIN_PIXELS), default=DEFAULT_MAX_PIXELS,
-                       help="larger images are scaled down to this many pixels; each 28x28 pixels is one token "
-                            f"(default: {DEFAULT_MAX_PIXELS}, at most {DEFAULT_MAX_PIXELS // 784} tokens an image)")
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--max_new_tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
-                     help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
-    gen.add_argument("--temperature", type=_float_in(0, 100, low_open=False),
-                     help="sampling temperature; 0 means greedy (default: the model's own setting)")
-    gen.add_argument("--top_p", type=_float_in(0, 1, low_open=True),
-                     help="nucleus sampling, in (0, 1] (default: the model's own setting)")
-    gen.add_argument("--top_k", type=_int_at_least(0), help="sample among the k likeliest tokens; 0 turns it off")
-    gen.add_argument("--seed", type=_int_at_least(0), help="random seed, for repeatable sampling")
-    gen.add_argument("--no_stream", action="store_true", help="print the answer once at the end")
-    gen.add_argument("--no_fast_decode", action="store_true",
-                     help="decode with transformers' generate() instead of the tool's static-cache decoder")
-    gen.add_argument("--compile", action="store_true",
-                     help="NVIDIA GPUs: compile the decoder's layers with torch.compile first (6-10 s on an "
-                          "H100), then decode 30-40%% faster: for long answers and chats")
-    gen.add_argument("--output_audio", metavar="PATH",
-                     help="also speak the answer into this WAV file (24 kHz mono; Qwen2.5-Omni only)")
-    gen.add_argument("--max_speech_seconds", type=_float_in(0, 600, low_open=True), metavar="SECONDS",
-                     help=f"the longest spoken reply (default: the model's {TALKER_MAX_NEW_TOKENS} speech codes, "
-                          f"{TALKER_MAX_NEW_TOKENS / TALKER_CODES_PER_SECOND:.0f} s)")
-    gen.add_argument("--speaker", help=f"the voice of the spoken reply (default: {DEFAULT_SPEAKER}; "
-                                       "Qwen2.5-Omni ships Chelsie and Ethan)")
-    hw = parser.add_argument_group("hardware")
-    hw.add_argument("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
-                    help="where to run (default: auto, by the size policy)")
-    hw.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                    help="weights' precision (default: auto: float16 on MPS, bfloat16 on CUDA, "
-                         "bfloat16 or float32 on the CPU)")
-    hw.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
-                    help="bitsandbytes quantization, CUDA only (default: none)")
-    hw.add_argument("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
-    plan = parser.add_argument_group("planning, output and chat")
-    plan.add_argument("--dry_run", action="store_true",
-                      help="print the plan (device, dtype, memory per component, whether it fits) without "
-                           "loading any weights; only config.json is read")
-    plan.add_argument("--hardware", type=_hardware_spec, metavar="SPEC",
-                      help="with --dry_run: plan for another machine instead of this one: mps:16 (a Mac with "
-                           "16 GB), cuda:24 or cuda:24,24 (GPUs with that many GB), cpu:32 (32 GB of RAM, no GPU)")
-    plan.add_argument("--json", action="store_true",
-                      help="print one JSON object on stdout instead of the streamed answer: the answer, the plan, "
-                           "the figures and a reproducibility record (with --dry_run: the plan)")
-    plan.add_argument("--verbose", action="store_true",
-                      help="per-stage timings on stderr: load, media decode, encoding and prefill, decode, speech")
-    plan.add_argument("--interactive", action="store_true",
-                      help="chat: load the model once and answer message after message (/help inside lists "
-                           "the commands); also when no --prompt is given and stdin is a terminal")
-    misc = parser.add_argument_group("other")
-    misc.add_argument("--trust_remote_code", action="store_true",
-                      help="allow a model repository to run its own Python code (off by default: it runs "
-                           "with your permissions)")
-    misc.add_argument("--self_test", action="store_true",
-                      help="check this installation offline with a tiny built-in model, then exit")
-    misc.add_argument("--debug", action="store_true", help="show tracebacks and transformers' warnings")
-    return parser
-
-
-def read_prompt(args: argparse.Namespace) -> str | None:
-    if args.prompt is None:
-        if args.dry_run:
-            return None
-        raise UsageError("--prompt is required (or --prompt - to read it from stdin)")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise UsageError("--prompt is empty; give the question or instruction to answer")
-    return prompt.strip()
-
-
-def estimate_text_tokens(prompt: str | None, system_prompt: str | None) -> int:
-    """The prompt's tokens before a tokenizer is loaded: Qwen's tokenizer gives about one token per
-    4 bytes of English; count one per 2 bytes (CJK, code) plus the chat template's own tokens."""
-    text = (prompt or "") + (system_prompt or "")
-    return math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Flags that contradict each other, caught before anything else happens."""
-    if args.force_cpu and args.device not in ("auto", "cpu"):
-        raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
-    if args.quantize != "none" and (args.force_cpu or args.device in ("cpu", "mps")):
-        where = "--force_cpu" if args.force_cpu else f"--device {args.device}"
-        raise UsageError(f"--quantize {args.quantize} conflicts with {where}: bitsandbytes quantization runs on "
-                         "NVIDIA GPUs only" + (" (never on Apple Silicon)" if args.device == "mps" else "")
-                         + "; drop one of them")
-    if args.hardware and not args.dry_run:
-        raise UsageError("--hardware describes another machine, so it works only with --dry_run")
-    if args.interactive:
-        for flag in ("json", "output_audio", "dry_run"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
-    if args.use_audio_in_video and not args.video_path:
-        raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
-    for flag in ("speaker", "max_speech_seconds"):
-        if getattr(args, flag) and not args.output_audio:
-            raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav")
-
-
-def request_from_args(args: argparse.Namespace, prompt: str | None = None, media: Media | None = None) -> Request:
-    """The flags that bear on the plan; media sizes from the decoded files."""
-    media = media or Media()
-    audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
-    if media.use_audio_in_video:
-        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos]
-    system = args.system_prompt or (SPEECH_SYSTEM_PROMPT if args.output_audio else None)
-    return Request(device=args.device, dtype=args.dtype, quantize=args.quantize, force_cpu=args.force_cpu,
-                   speech=bool(args.output_audio), speech_codes=speech_codes(args.max_speech_seconds),
-                   max_new_tokens=args.max_new_tokens,
-                   text_tokens=estimate_text_tokens(prompt, system),
-                   image_sizes=tuple(image.size for image in media.images), audio_seconds=tuple(audio),
-                   videos=tuple((len(v.frames), *v.size) for v in media.videos), max_pixels=args.max_pixels)
-
-
-def load_media(args: argparse.Namespace) -> Media:
-    """Every media file decoded (and so checked) before any model is loaded."""
-    start = time.perf_counter()
-    media = Media(images=[load_image(path) for path in args.image_path],
-                  videos=[load_video(path, args.fps, args.use_audio_in_video) for path in args.video_path],
-                  use_audio_in_video=args.use_audio_in_video)
-    for path, image in zip(args.image_path, media.images):
-        width, height = image.size
-        if width * height > args.max_pixels:
-            say(f"🖼️ --image_path {path}: {width} x {height} pixels is scaled down to about "
-                f"{args.max_pixels / 1e6:.1f} megapixels for the model (--max_pixels {args.max_pixels})")
-    for path in args.audio_path:
-        media.audios += audio_pieces(load_audio(path), f"--audio_path {path}")
-    for path, video in zip(args.video_path, media.videos):
-        if args.use_audio_in_video and len(video.audio) > AUDIO_WINDOW_SAMPLES:
-            say(f"⚠️ --video_path {path}: only the first {AUDIO_WINDOW_SECONDS} s of its sound track is heard")
-    media.decode_s = time.perf_counter() - start
-    return media
-
-
-def audio_pieces(samples, what: str) -> list:
-    """A recording cut into the audio processor's 30 s windows, which would otherwise keep only the first."""
-    pieces = [samples[start:start + AUDIO_WINDOW_SAMPLES] for start in range(0, len(samples), AUDIO_WINDOW_SAMPLES)]
-    if len(pieces) > 1:
-        say(f"🎧 {what} is {len(samples) / AUDIO_SAMPLE_RATE:.1f} s long: the model hears it as {len(pieces)} "
-            f"pieces of at most {AUDIO_WINDOW_SECONDS} s, in order")
-    return pieces
-
-
-def check_modalities(args: argparse.Namespace, info: ModelInfo) -> None:
-    """A model that cannot take an input (or cannot speak) is told before anything loads."""
-    omni_hint = f"use an Omni model such as {DEFAULT_MODEL_ID}"
-    what = "a text-only model" if info.kind == "text" else "a vision-language model"
-    if args.image_path and "image" not in info.inputs:
-        raise UsageError(f"--image_path: {args.model_id} is {what} and cannot see images; "
-                         f"drop --image_path or use a vision model such as {DEFAULT_MODEL_ID}")
-    if args.video_path and "video" not in info.inputs:
-        raise UsageError(f"--video_path: {args.model_id} is {what} and cannot watch video; drop --video_path or "
-                         f"{omni_hint}")
-    if (args.audio_path or args.use_audio_in_video) and "audio" not in info.inputs:
-        flag = "--audio_path" if args.audio_path else "--use_audio_in_video"
-        raise UsageError(f"{flag}: {args.model_id} is {what} and cannot hear audio; drop {flag} or {omni_hint}")
-    if args.output_audio and info.kind != "omni":
-        raise UsageError(f"--output_audio: {args.model_id} is {what} and cannot speak; drop --output_audio or "
-                         f"{omni_hint}")
-    if args.output_audio and info.model_type not in SPEAKING_MODEL_TYPES:
-        raise UsageError(f"--output_audio: speaking with {info.model_type} models is not supported yet (their "
-                         f"text answers are); drop --output_audio or use {DEFAULT_MODEL_ID}")
-
-
-def choose_speaker(args: argparse.Namespace, info: ModelInfo) -> Speech | None:
-    """The voice of a spoken reply, checked against the checkpoint's own before loading."""
-    if not args.output_audio:
-        return None
-    voices = read_speakers(info)
-    speaker = args.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
-    if speaker not in voices:
-        raise UsageError(f"--speaker {args.speaker}: not a voice of {args.model_id}; choose one of "
-                         + ", ".join(voices))
-    if args.system_prompt:
-        say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
-            "come without speech")
-    return Speech(speaker, max_codes=speech_codes(args.max_speech_seconds))
-
-
-def speech_codes(max_seconds: float | None) -> int:
-    return math.ceil(max_seconds * TALKER_CODES_PER_SECOND) if max_seconds else TALKER_MAX_NEW_TOKENS
-
-
-def describe_model(info: ModelInfo, facts: ModelFacts, components: tuple[str, ...]) -> str:
-    line = f"🧠 {info.model_id} ({info.model_type}): {format_count(facts.total)} parameters"
-    if info.kind == "omni" and "talker" not in components and len(facts.parameters) > 1:
-        others = " and ".join(name for name in facts.parameters if name != "thinker")
-        line += (f"; loading the thinker only ({format_count(facts.parameters['thinker'])}): no speech output "
-                 f"was asked for, so the {others} stay on disk")
-    return line
-
-
-def describe_plan(plan: Plan) -> list[str]:
-    """The dry run's table: what loads, what it takes, against which budget."""
-    estimate = plan.estimate
-    where = plan.device + (f" ({', '.join(f'cuda:{i}' for i in plan.gpus)})" if plan.gpus else "")
-    lines = [f"📋 Plan: {where}, {plan.dtype}, "
-             + (f"{plan.quantization} quantization" if plan.quantization else "no quantization")]
-    for name, (parameters, nbytes) in estimate.components.items():
-        precision = "float32" if name in FLOAT32_COMPONENTS else (plan.quantization or plan.dtype)
-        lines.append(f"   {name:<12}{format_count(parameters):>10}  {format_bytes(nbytes):>10}  {precision}")
-    media = f", {estimate.media_tokens} of them for media" if estimate.media_tokens else ""
-    lines.append(f"   {'KV cache':<12}{'':>10}  {format_bytes(estimate.kv_cache_bytes):>10}  "
-                 f"{estimate.context_tokens} tokens (prompt, estimated{media}, + --max_new_tokens)")
-    lines.append(f"   {'margin':<12}{'':>10}  {format_bytes(estimate.activation_bytes):>10}  "
-                 "activations, media encoders, allocator slack")
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"   {'total':<12}{format_count(estimate.parameters):>10}  {format_bytes(estimate.total):>10}  "
-                 f"of {format_bytes(plan.budget_bytes)} ({plan.budget_source}): {verdict}")
-    return lines
-
+# --- 14. run -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     """The whole job, in the order the data flows."""
-    check_flags(args)
-    if args.self_test:
-        request = request_from_args(args)
+    options = options_from_args(args)
+    if options.self_test:
         hw = detect_hardware()
-        check_device_available(hw, request)
+        check_device_available(hw, options)
         for line in describe_hardware(hw):
             say(line)
-        return self_test(hw, request, args.debug)
+        return self_test(hw, options)
 
     # Everything the user typed is checked before anything heavy happens.
-    one_shot = args.dry_run or args.json or args.output_audio   # flags that only make sense for one answer
-    interactive = args.interactive or (args.prompt is None and not one_shot and sys.stdin.isatty())
-    prompt = None if interactive and args.prompt is None else read_prompt(args)
-    output_audio = check_output_audio(args.output_audio) if args.output_audio else None
-    media = load_media(args)
-    info = resolve_model(args.model_id)
-    check_modalities(args, info)
-    speech = choose_speaker(args, info) if output_audio and not args.dry_run else None
-    request = request_from_args(args, prompt, media)
+    if options.output_audio:
+        check_output_audio(options.output_audio)
+    media = load_media(options)
+    info = resolve_model(options.model_id)
+    check_modalities(options, info)
+    speech = choose_speaker(options, info) if options.speech and not options.dry_run else None
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
-    _quiet_libraries(args.debug)
-    facts = model_facts(load_config(info, args.trust_remote_code), info, args.trust_remote_code)
-    if not args.dry_run:
-        check_model_folder(args.model_id)
-    hw = simulated_hardware(args.hardware) if args.hardware else detect_hardware()
-    check_device_available(hw, request)
+    quiet_libraries(options.debug)
+    facts = model_facts(load_config(info, options.trust_remote_code), info, options.trust_remote_code)
+    if not options.dry_run:
+        check_model_folder(options.model_id)
+    hw = simulated_hardware(options.hardware) if options.hardware else detect_hardware()
+    check_device_available(hw, options)
     for line in describe_hardware(hw):
         say(line)
-    components = loading_components(facts, request.speech)
-    say(describe_model(info, facts, components))
-    plan = choose_plan(hw, facts, request)
+    say(describe_model(info, facts, loading_components(facts, options.speech)))
+    plan = choose_plan(hw, facts, options, workload_of(options, media))
     for line in plan.reasons:
         say(line)
-    if args.dry_run:
+    if options.dry_run:
         for line in describe_plan(plan):
             say(line)
-        if args.json:
-            _write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
-        if not plan.fits:
-            say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}")
-            return EXIT_FAILURE
-        say("✅ Dry run: no weights were loaded; a real run would follow this plan")
-        return EXIT_OK
+        if options.json:
+            write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
+        say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
+            "✅ Dry run: no weights were loaded; a real run would follow this plan")
+        return EXIT_OK if plan.fits else EXIT_FAILURE
     if not plan.fits:
         raise RunError(does_not_fit_message(facts, plan, hw))
 
-    if args.seed is not None:
+    if options.seed is not None:
         from transformers import set_seed
-        set_seed(args.seed)
-    system_prompt = args.system_prompt or (SPEECH_SYSTEM_PROMPT if speech else None)
-    show = SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM
-    job = Job(info, build_messages(prompt or "", system_prompt, media, info.kind),
-              Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
-              show=show, thinker_only=info.kind == "omni" and "talker" not in components,
-              trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, media=media, speech=speech,
-              output_audio=output_audio, fast_decode=not args.no_fast_decode, compile_layers=args.compile,
-              context_window=facts.context_window)
-    if interactive:
-        return chat(job, plan, hw, args, prompt)
-    outcome = run_with_fallback(job, plan, hw)
+        set_seed(options.seed)
+    if options.interactive:
+        return chat(info, facts, plan, hw, options, media)
+    outcome = answer_once(info, facts, plan, hw, options, media, speech)
     say(describe_stats(outcome.stats))
-    if args.verbose:
+    if options.verbose:
         say(describe_stages(outcome.stats))
-    if args.json:
-        _write_stdout(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, args.seed), indent=2,
-                                 ensure_ascii=False) + "\n")
+    if options.json:
+        write_stdout(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, options.seed),
+                                indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ embedding table only one row) over the copy bandwidth measured here first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -108,11 +109,13 @@ def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wan
     prompt_length = inputs["input_ids"].shape[-1]
     tokens_seen = {}
 
-    def tool(fast: bool, compile_layers: bool = False):
-        def run():
-            stats = rm.Stats(device=args.device)
-            rm.generate(model, processor, inputs, sampling, rm.SHOW_NONE, stats, fast=fast, compile_layers=compile_layers)
-            return stats
+    plan = rm.Plan(args.device, args.dtype, None, "", ())
+
+    def tool(**flags):
+        def run():   # the decoder is chosen as a run of the tool chooses it, when first needed
+            decoder = rm.choose_decoder(model, args.device, rm.Options(sampling=sampling, **flags))
+            loaded = rm.Loaded(model, processor, plan, 0.0, {}, decoder)
+            return rm.stats_of(rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE), loaded, 0.0)
         return run
 
     def plain(**extra):
@@ -124,10 +127,10 @@ def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wan
 
     runs = {"plain": ("plain generate, eager", plain()),
             "static": ("plain generate, static cache + compile", plain(cache_implementation="static")),
-            "tool_generate": ("the tool, --no_fast_decode", tool(False)),
+            "tool_generate": ("the tool, --no_fast_decode", tool(fast_decode=False)),
             "tool": ("the tool (fast decoder, CUDA graph)" if args.device == "cuda" else "the tool (fast decoder)",
-                     tool(True)),
-            "compiled": ("the tool, layers compiled (--compile)", tool(True, compile_layers=True))}
+                     tool()),
+            "compiled": ("the tool, layers compiled (--compile)", tool(compile_layers=True))}
     print(f"\n{label}: {prompt_length} prompt tokens; a token reads {size / 1e9:.2f} GB; ceiling "
           f"{ceiling:.0f} tokens/s from the copy bandwidth ({gemv / size:.0f} from the matrix-vector reads)")
     for key in runs_wanted:
@@ -156,9 +159,10 @@ def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wan
             def end(self):
                 pass
 
+        decoder = rm.choose_decoder(model, args.device, rm.Options(sampling=sampling,
+                                                                  compile_layers="compiled" in runs_wanted))
         with torch.inference_mode():
-            settings = rm._decoding_settings(model, sampling, inputs["input_ids"])
-            rm.fast_generate(model, inputs, sampling, Collect(), {}, settings, "compiled" in runs_wanted)
+            rm.fast_generate(model, inputs, sampling, Collect(), {}, decoder)
         fast_tokens = streamer_tokens[prompt_length:]
         reference = tokens_seen[()]
         print(f"  greedy tokens, fast decoder vs plain generate: {same_prefix(fast_tokens, reference)} of "
@@ -183,9 +187,9 @@ def main() -> None:
 
     import tiny_models
 
-    rm._quiet_libraries(debug=False)
+    rm.quiet_libraries(debug=False)
     bandwidth = copy_bandwidth(args.device)
-    gemv = gemv_bandwidth(args.device, rm.torch_dtype(args.dtype))
+    gemv = gemv_bandwidth(args.device, getattr(torch, args.dtype))
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where} | torch {torch.__version__} | transformers {transformers.__version__} | "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, matrix-vector reads {gemv / 1e9:.1f} GB/s | "
@@ -195,7 +199,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             tiny_models.build_qwen2(Path(folder) / "m", full_size=True, device=args.device, config_name=name)
             info = rm.resolve_model(str(Path(folder) / "m"))
-            model, tokenizer = rm.load_model(info, plan, rm.detect_hardware(), False, False)
+            model, tokenizer = rm.load_model(info, plan, rm.detect_hardware())
         inputs = rm.prepare_inputs(tokenizer, rm.build_messages(PROMPT, None, rm.Media(), "text"), model.device)
         bench_model(name, model, tokenizer, inputs, args, bandwidth, gemv, args.runs)
         model = tokenizer = None   # frees it for the next model
@@ -205,7 +209,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             tiny_models.build_qwen2_5_omni(Path(folder) / "omni", full_size=True, device=args.device)
             info = rm.resolve_model(str(Path(folder) / "omni"))
-            model, processor = rm.load_model(info, plan, rm.detect_hardware(), True, False)
+            model, processor = rm.load_model(info, dataclasses.replace(plan, components=("thinker",)),
+                                             rm.detect_hardware())
         image = Image.open(ROOT / "sample_data" / "sample_image.jpg").convert("RGB").resize((448, 448))
         media = rm.Media(images=[image])
         messages = rm.build_messages("Describe this image.", None, media, "omni")

@@ -44,16 +44,18 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | "
           f"{torch.cuda.get_device_name(0) if cuda else 'CPU'}")
-    rm._quiet_libraries(debug=False)
+    rm.quiet_libraries(debug=False)
     info = rm.resolve_model(str(args.model))
     facts = rm.model_facts(rm.load_config(info, False), info, False)
     hw = rm.detect_hardware()
     codes = round(args.seconds * rm.TALKER_CODES_PER_SECOND)
-    plan = rm.choose_plan(hw, facts, rm.Request(speech=True, max_new_tokens=64, speech_codes=codes))
+    options = rm.Options(output_audio=Path("unused.wav"), sampling=rm.Sampling(64, temperature=0), speech_codes=codes)
+    plan = rm.choose_plan(hw, facts, options)
     print(f"plan: {plan.device} {plan.dtype}, estimate {rm.format_bytes(plan.estimate.total)}")
 
     start = time.perf_counter()
-    model, processor = rm.load_model(info, plan, hw, thinker_only=False, trust_remote_code=False)
+    model, processor = rm.load_model(info, plan, hw)
+    loaded = rm.Loaded(model, processor, plan, 0.0, {}, rm.choose_decoder(model, plan.device, options))
     print(f"load {time.perf_counter() - start:.1f} s")
     media = rm.Media()
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
@@ -62,8 +64,8 @@ def main() -> None:
     speech = rm.Speech("Chelsie", max_codes=codes, min_codes=codes)
 
     def tool() -> float:
-        stats = rm.Stats(device=plan.device)
-        _, wav = rm.generate(model, processor, inputs, sampling, rm.SHOW_NONE, stats, speech=speech)
+        answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, speech)
+        stats, wav = rm.stats_of(answer, loaded, 0.0), answer.wav
         print(f"    tool: text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s, "
               f"speech part {stats.speech_s:.2f} s")
         return len(wav) / rm.SPEECH_SAMPLE_RATE

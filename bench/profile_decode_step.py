@@ -33,12 +33,11 @@ def main() -> None:
 
     import tiny_models
 
-    rm._quiet_libraries(debug=False)
+    rm.quiet_libraries(debug=False)
     with tempfile.TemporaryDirectory() as folder:
         tiny_models.build_qwen2(Path(folder) / "m", full_size=True, device="cuda", config_name=args.config)
         info = rm.resolve_model(str(Path(folder) / "m"))
-        model, tokenizer = rm.load_model(info, rm.Plan("cuda", "bfloat16", None, "", ()), rm.detect_hardware(),
-                                         False, False)
+        model, tokenizer = rm.load_model(info, rm.Plan("cuda", "bfloat16", None, "", ()), rm.detect_hardware())
     inputs = rm.prepare_inputs(tokenizer, rm.build_messages("Hello there", None, rm.Media(), "text"), model.device)
     length = inputs["input_ids"].shape[-1]
     with torch.inference_mode():

@@ -22,22 +22,22 @@ import run_multimodal as rm  # noqa: E402
 
 
 def main() -> None:
-    rm._quiet_libraries(debug=False)
+    rm.quiet_libraries(debug=False)
     info = rm.resolve_model(sys.argv[1])
     plan = rm.Plan("cuda", "bfloat16", None, "small", ())
-    model, tokenizer = rm.load_model(info, plan, thinker_only=False, trust_remote_code=False)
-    messages = rm.build_messages("Explain quantum computing in simple terms", None, [], "text")
+    model, tokenizer = rm.load_model(info, plan, rm.detect_hardware())
+    loaded = rm.Loaded(model, tokenizer, plan, 0.0, {}, rm.choose_decoder(model, "cuda", rm.Options()))
+    messages = rm.build_messages("Explain quantum computing in simple terms", None, rm.Media(), "text")
     inputs = rm.prepare_inputs(tokenizer, messages, model.device)
     for name in ("first", "second"):
-        stats = rm.Stats("cuda")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             old, sys.stdout = sys.stdout, io.StringIO()
             try:
                 with torch.inference_mode():
-                    rm.generate(model, tokenizer, inputs, rm.Sampling(96, temperature=0), True, stats)
+                    answer = rm.generate_answer(loaded, inputs, rm.Sampling(96, temperature=0), rm.SHOW_STREAM)
             finally:
                 sys.stdout = old
-        print(f"{name} run:", rm.describe_stats(stats))
+        print(f"{name} run:", rm.describe_stats(rm.stats_of(answer, loaded, 0.0)))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
 
 

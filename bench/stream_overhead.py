@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    rm._quiet_libraries(False)
+    rm.quiet_libraries(False)
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -53,15 +53,17 @@ def main() -> None:
         t.join()
         return args.tokens
 
+    plan = rm.Plan(args.device, "bfloat16", None, "", ())
+    loaded = rm.Loaded(model, tok, plan, 0.0, {}, rm.Decoder("generate", "", 0))   # generate(), as measured here
+
     def tool_generate() -> int:
-        stats = rm.Stats(args.device)
         old, sys.stdout = sys.stdout, io.StringIO()
         try:
             with torch.inference_mode():
-                rm.generate(model, tok, inputs, rm.Sampling(args.tokens, temperature=0), True, stats)
+                answer = rm.generate_answer(loaded, inputs, rm.Sampling(args.tokens, temperature=0), rm.SHOW_STREAM)
         finally:
             sys.stdout = old
-        return stats.new_tokens
+        return len(answer.token_times)
 
     for name, fn in {"plain generate": plain, "streamer, main thread": streamer_main_thread,
                      "streamer in a second thread": streamer_thread, "the tool's generate()": tool_generate}.items():

@@ -1,5 +1,5 @@
-"""Fixtures: tiny random-weight checkpoints built once per session, and a way to run the
-real script as a user does (a subprocess, offline)."""
+"""Fixtures and the shared helpers: tiny random-weight checkpoints built once per session, the real
+script run as a user runs it (a subprocess, offline), and the check of a one-line error."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_multimodal.py"
-SAMPLE_IMAGE = ROOT / "sample_data" / "sample_image.jpg"
-SECOND_IMAGE = ROOT / "sample_data" / "coffee.jpg"
+SAMPLES = ROOT / "sample_data"
+SAMPLE_IMAGE = SAMPLES / "sample_image.jpg"
+SECOND_IMAGE = SAMPLES / "coffee.jpg"
+WAV16, WAV44, FLAC, CLIP = (SAMPLES / "question_16k_mono.wav", SAMPLES / "question_44k_stereo.wav",
+                            SAMPLES / "question.flac", SAMPLES / "cat_clip.mp4")
 CONFIGS = Path(__file__).resolve().parent / "configs"
+
+# The references run on the CPU in float32, so the exact comparisons do too (on a machine
+# with a GPU the tool would otherwise pick it, and a GPU's float32 rounds differently).
+GREEDY_ANY_DEVICE = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12")
+GREEDY = (*GREEDY_ANY_DEVICE, "--device", "cpu")
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def offline_env(**extra: str) -> dict[str, str]:
     """The environment of a user with no network: the Hub is never asked."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
-    return env
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
 
 
 def default_signals() -> None:
@@ -35,11 +42,35 @@ def default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_tool(*args: str, env: dict | None = None, stdin: str | None = None,
-             script: Path = SCRIPT, timeout: float = 600) -> subprocess.CompletedProcess:
-    """python run_multimodal.py ARGS, as a user types it."""
+def run_tool(*args, env: dict | None = None, stdin: str | None = None, script: Path = SCRIPT,
+             cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """python run_multimodal.py ARGS, as a user types it (stdin closed unless given)."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          env=env or offline_env(), input=stdin, timeout=timeout, cwd=ROOT)
+                          env=env or offline_env(), input=stdin, timeout=timeout, cwd=cwd,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str,
+                          alone: bool = False) -> str:
+    """The run failed with `code`, its last stderr line (and only Error: line) holds every fragment,
+    nothing went to stdout and no traceback was shown; `alone`: nothing else was said before it."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("Error:")] == lines[-1:], result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    if alone:
+        assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[-1]
+
+
+def stat(stderr: str, name: str) -> int:
+    """A number from the stats line: stat(stderr, "tokens ·") is the prompt's tokens."""
+    import re
+
+    return int(re.search(rf"(\d+) {name}", stderr).group(1))
 
 
 def fake_hub_cache(root: Path, model_dir: Path, repo_id: str = "tiny/qwen2",
@@ -58,7 +89,7 @@ def fake_hub_cache(root: Path, model_dir: Path, repo_id: str = "tiny/qwen2",
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """qwen2 (text), qwen2_5_vl and qwen2_5_omni (full: thinker, talker, token2wav, voices)."""
+    """qwen2 (text), qwen2_5_vl, qwen2_5_omni (full: thinker, talker, token2wav, voices), qwen3_omni."""
     import tiny_models as builders
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -72,15 +103,13 @@ REAL_CONFIGS = ["Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Q
 @pytest.fixture(scope="session")
 def real_facts() -> dict:
     """ModelFacts of every real published config in tests/configs, counted on the meta device."""
-    import json
+    import dataclasses
 
     import run_multimodal as rm
 
-    rm._quiet_libraries(debug=False)
+    rm.quiet_libraries(debug=False)
     found = {}
     for name in REAL_CONFIGS:
-        path = CONFIGS / name / "config.json"
-        info = rm.model_info_from_config(name, json.loads(path.read_text()))
-        found[name] = rm.model_facts(rm.load_config(rm.ModelInfo(str(path.parent), info.model_type, info.kind,
-                                                                 info.inputs), False), info, False)
+        info = rm.resolve_model(str(CONFIGS / name))
+        found[name] = rm.model_facts(rm.load_config(info, False), dataclasses.replace(info, model_id=name), False)
     return found

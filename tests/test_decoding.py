@@ -1,6 +1,6 @@
-"""The fast decoder against transformers' own generate(): the same tokens on the CPU in float32
-(greedy, seeded sampling, a repetition penalty, an early end token, text and pictures), the fused
-step's arithmetic against the model's modules, and the command line's switch."""
+"""Section 9, the decoding engine, against transformers' own generate(): the same tokens on the CPU in
+float32 (greedy, seeded sampling, a repetition penalty, an early end token, text and pictures), and
+the fused step's arithmetic against the model's modules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import run_multimodal as rm
-from conftest import SAMPLE_IMAGE, run_tool
+from conftest import SAMPLE_IMAGE
 
 MODELS = ["qwen2", "qwen2_5_vl", "qwen2_5_omni"]
 
@@ -20,15 +20,15 @@ def loaded(tiny_models):
     found = {}
     for name in MODELS:
         info = rm.resolve_model(str(tiny_models[name]))
-        model, processor = rm.load_model(info, rm.Plan("cpu", "float32", None, "", ()), rm.detect_hardware(),
-                                         name == "qwen2_5_omni", False)
+        plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker",) if name == "qwen2_5_omni" else ())
+        model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
         media = rm.Media() if name == "qwen2" else rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
         messages = rm.build_messages("Describe the picture, please", None, media, info.kind)
         found[name] = (model, processor, rm.prepare_inputs(processor, messages, model.device, media))
     return found
 
 
-def fast_tokens(model, inputs, sampling: rm.Sampling, seed: int | None = None, lag: int | None = None) -> list[int]:
+def fast_tokens(model, inputs, sampling: rm.Sampling, seed: int | None = None, lag: int = 0) -> list[int]:
     """The new tokens the fast decoder hands to its streamer."""
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -43,13 +43,12 @@ def fast_tokens(model, inputs, sampling: rm.Sampling, seed: int | None = None, l
         def end(self):
             self.ended = True
 
-    settings = rm._decoding_settings(model, sampling, inputs["input_ids"])
-    assert settings is not None, "transformers' decoding helpers changed: the fast decoder would not be used"
+    assert rm.choose_decoder(model, "cpu", rm.Options(sampling=sampling)).kind == "step"
     if seed is not None:
         torch.manual_seed(seed)
     collect = Collect()
     with torch.inference_mode():
-        rm.fast_generate(model, inputs, sampling, collect, {}, settings, lag=lag)
+        rm.fast_generate(model, inputs, sampling, collect, {}, rm.Decoder("step", "", lag))
     assert collect.ended
     return collect.tokens[inputs["input_ids"].shape[-1]:]
 
@@ -159,31 +158,3 @@ def test_fused_step_computes_what_the_modules_compute(loaded, name):
 def test_compiled_layers_compute_what_the_modules_compute(loaded):
     model, _, inputs = loaded["qwen2"]
     assert fused_against_exact(model, inputs, compile_layers=True, steps=4) < 1e-5
-
-
-def test_models_it_does_not_know_use_generate(tiny_models):
-    result = run_tool("--model_id", tiny_models["qwen3_omni"], "--prompt", "Hello", "--max_new_tokens", "4",
-                      "--device", "cpu", "--temperature", "0")
-    assert result.returncode == 0, result.stderr
-    assert "🐢 Decoding with transformers' generate(): the fast decoder does not handle a qwen3_omni_moe_text decoder" \
-        in result.stderr
-
-
-def test_the_switch_and_what_it_says(tiny_models):
-    args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--max_new_tokens", "16",
-            "--temperature", "0", "--dtype", "float32", "--device", "cpu")
-    fast, plain = run_tool(*args), run_tool(*args, "--no_fast_decode")
-    assert fast.returncode == plain.returncode == 0, fast.stderr + plain.stderr
-    assert fast.stdout == plain.stdout and fast.stdout.strip()
-    assert "⚡ Fast decoding: a static KV cache, one step at a time" in fast.stderr
-    assert "🐢 Decoding with transformers' generate() (--no_fast_decode)" in plain.stderr
-    assert "16 new tokens" in fast.stderr and "16 new tokens" in plain.stderr
-
-
-def test_compile_off_nvidia_gpus_says_so_and_answers_the_same(tiny_models):
-    args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--max_new_tokens", "8",
-            "--temperature", "0", "--dtype", "float32", "--device", "cpu")
-    plain, compiled = run_tool(*args), run_tool(*args, "--compile")
-    assert compiled.returncode == 0, compiled.stderr
-    assert "⚠️ --compile is used on NVIDIA GPUs only" in compiled.stderr
-    assert compiled.stdout == plain.stdout and compiled.stdout.strip()

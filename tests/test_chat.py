@@ -1,5 +1,5 @@
-"""A conversation (--interactive, scripted through a pipe) and machine-readable output (--json),
-run as a user runs them, on the tiny checkpoints; answers checked against plain transformers."""
+"""Section 12, the chat (--interactive), scripted through a pipe and at a pseudo-terminal; answers
+checked against plain transformers turn after turn."""
 
 from __future__ import annotations
 
@@ -12,31 +12,10 @@ import time
 
 import pytest
 
-from conftest import SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, default_signals, fake_hub_cache, offline_env, run_tool
-from test_end_to_end import GREEDY
+from conftest import GREEDY, SAMPLE_IMAGE, SCRIPT, SECOND_IMAGE, default_signals, offline_env, run_tool
+from references import reference_chat
 
 CHAT = ("--interactive", *GREEDY)
-
-
-def reference_chat(model_dir, turns: list[tuple[str, list]]) -> list[str]:
-    """Plain transformers, turn after turn, each answer added to the history: greedy, float32, CPU."""
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForMultimodalLM, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForMultimodalLM.from_pretrained(model_dir, dtype=torch.float32)
-    messages, answers = [], []
-    for text, images in turns:
-        content = [{"type": "image", "image": Image.open(path).convert("RGB")} for path in images]
-        messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        answers.append(answer)
-    return answers
 
 
 def test_two_turn_chat_with_an_image_in_the_second_turn(tiny_models, tmp_path):
@@ -68,11 +47,24 @@ def test_clear_forgets_the_conversation(tiny_models):
     assert "🧹 Cleared: a new conversation" in result.stderr
 
 
+def test_a_failed_turn_is_forgotten_with_its_media(tiny_models):
+    """A question the model cannot read (past its context window) is one Error: line; its picture goes with
+    it, so the next question is answered as if it had never been asked."""
+    model = tiny_models["qwen2_5_vl"]
+    fresh = reference_chat(model, [("Hello cat", [])])[0]
+    script = f"/image {SAMPLE_IMAGE}\n{'hello cat ' * 2000}\nHello cat\n"
+    result = run_tool("--model_id", model, *CHAT, stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == fresh + "\n"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith("Error: --prompt: the prompt is")
+
+
 def test_mistakes_in_a_chat_are_error_lines_and_the_chat_goes_on(tiny_models, tmp_path):
     model = tiny_models["qwen2_5_vl"]
     expected = reference_chat(model, [("Hello cat", [])])
     script = (f"/bogus\n/image {tmp_path}/missing.jpg\n/audio {SAMPLE_IMAGE}\n/save {tmp_path}/no/such/folder.json\n"
-              "/stats\n/help\nHello cat\n")
+              "/image\n/stats\n/help\nHello cat\n")
     result = run_tool("--model_id", model, *CHAT, stdin=script)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected[0] + "\n"
@@ -82,6 +74,7 @@ def test_mistakes_in_a_chat_are_error_lines_and_the_chat_goes_on(tiny_models, tm
         f"Error: /image {tmp_path}/missing.jpg: file not found; check the path",
         f"Error: /audio: {model} cannot take audio",
         f"Error: /save {tmp_path}/no/such/folder.json: give a file in a folder that exists",
+        "Error: /image needs a file: /image PATH",
     ]
     assert "No answer yet" in result.stderr and "Commands: /image PATH" in result.stderr
     assert not (tmp_path / "no").exists()
@@ -110,59 +103,6 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_models):
     assert stderr.count("⏱️ load") == 1          # one finished answer: the second
     assert stdout.endswith("\n")   # (the first character was read above)
     assert "Traceback" not in stderr and stderr.rstrip().endswith("👋 Bye")
-
-
-def test_json_is_the_only_thing_on_stdout_and_has_every_field(tiny_models):
-    model = tiny_models["qwen2_5_vl"]
-    expected = reference_chat(model, [("Describe it", [SAMPLE_IMAGE])])[0]
-    result = run_tool("--model_id", model, "--prompt", "Describe it", "--image_path", SAMPLE_IMAGE, "--json",
-                      "--seed", "11", *GREEDY)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)   # nothing but the object
-    assert record["text"] == expected and record["audio_path"] is None
-    plan = record["plan"]
-    assert (plan["device"], plan["dtype"], plan["fits"], plan["media_tokens"]) == ("cpu", "float32", True, 178)
-    assert plan["components"]["model"]["parameters"] == 183_520
-    stats = record["stats"]
-    assert set(stats) >= {"load_s", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s",
-                          "peak_memory_bytes", "device"}
-    assert (stats["new_tokens"], stats["device"]) == (12, "cpu")
-    assert stats["prompt_tokens"] == 220 and stats["ttft_s"] > 0 and stats["decode_tokens_per_s"] > 0
-    assert stats["peak_memory_bytes"] > 0
-    repro = record["reproducibility"]
-    import accelerate
-    import torch
-    import transformers
-    assert repro == {
-        "model_id": str(model), "revision": None, "path": str(model), "dtype": "float32",
-        "device_map": {"": "cpu"}, "seed": 11, "sampling": {"max_new_tokens": 12, "do_sample": False},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__}}
-    assert "📈 cpu:" in result.stderr   # the people's lines still go to stderr
-
-
-def test_json_records_the_hub_revision(tiny_models, tmp_path):
-    cache, snapshot = fake_hub_cache(tmp_path, tiny_models["qwen2"])
-    result = run_tool("--model_id", "tiny/qwen2", "--prompt", "Hello cat", "--json", *GREEDY,
-                      env=offline_env(HF_HUB_CACHE=str(cache)))
-    assert result.returncode == 0, result.stderr
-    repro = json.loads(result.stdout)["reproducibility"]
-    assert (repro["model_id"], repro["revision"], repro["path"]) == ("tiny/qwen2", "0123456789abcdef", str(snapshot))
-
-
-def test_verbose_prints_the_stages(tiny_models):
-    result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--verbose", *GREEDY)
-    assert result.returncode == 0, result.stderr
-    stages = [line for line in result.stderr.splitlines() if line.startswith("⏱️")]
-    assert len(stages) == 1 and "encoding and prefill" in stages[0] and "decode" in stages[0] \
-        and "(11 tokens, the first of them after " in stages[0]
-
-
-@pytest.mark.parametrize("flag", ["--json", "--dry_run"])
-def test_interactive_refuses_one_shot_flags(tiny_models, flag):
-    result = run_tool("--model_id", tiny_models["qwen2"], "--interactive", flag)
-    assert result.returncode == 2
-    assert result.stderr == f"Error: {flag} works with one --prompt, not with --interactive\n"
 
 
 @pytest.mark.skipif(platform.system() == "Windows", reason="a pseudo-terminal")
