@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -84,7 +84,6 @@ LARGE_MPS_MIN_RAM_GB = 32
 # The memory estimate: bytes per value, and the margin beyond weights and KV cache, stated
 GB = 1024**3
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}   # nf4 + a float32 scale per 64 weights; int8
 FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
 ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
 ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
@@ -123,8 +122,17 @@ STREAM_LAG_TOKENS = 8           # how far an accelerator may run ahead of the te
 SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
 
 # Out of memory, as the devices word it
-OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate",
-                         "not enough memory", "cannot allocate memory")
+# Out of memory, as the devices word it; Metal also refuses one buffer past its largest ("Invalid buffer
+# size") and fails a command buffer with "Insufficient Memory (...kIOGPUCommandBufferCallbackErrorOutOfMemory)"
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate", "not enough memory",
+                         "cannot allocate memory", "invalid buffer size", "insufficient memory",
+                         "kiogpucommandbuffercallbackerroroutofmemory")
+
+# Apple Silicon: what each part needs of macOS, and the Mac --hardware mps:N stands for without qualifiers
+MPS_BF16_MACOS = (14, 0)       # bfloat16 in PyTorch's MPS backend (MPSGraph)
+MPS_CONV3D_MACOS = (13, 2)     # Conv3d on MPS: the Qwen-VL and Omni vision towers' patch embedding
+SIMULATED_MAC_CHIP, SIMULATED_MACOS = "M3", (26, 0)
+METAL_GROUP_SIZE = 64          # transformers' MetalConfig: a scale and a bias per 64 weights
 
 
 # --- 2. errors and output ------------------------------------------------------------------
@@ -143,6 +151,15 @@ class Terminated(BaseException):
 
 class OutputClosed(BaseException):
     """Whoever read stdout stopped reading (`| head -c 10`): stop generating and end quietly."""
+
+
+class NonFiniteLogits(RuntimeError):
+    """The logits turned NaN or infinite: the model's activations overflowed its dtype (float16 with
+    Qwen). `text` is what was printed of the answer before."""
+
+    def __init__(self, text: str = ""):
+        super().__init__("the logits turned NaN or infinite")
+        self.text = text
 
 
 class Interrupted(KeyboardInterrupt):
@@ -275,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=("auto", "mps", "cuda", "cpu"), default="auto",
         help="where to run (default: auto, by the size policy)")
     add("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto", help="weights' precision "
-        "(default: auto: float16 on MPS, bfloat16 on CUDA, bfloat16 or float32 on the CPU)")
-    add("--quantize", choices=("none", "4bit", "8bit"), default="none",
-        help="bitsandbytes quantization, CUDA only (default: none)")
+        "(default: auto: bfloat16 where it runs: CUDA from Ampere on, MPS from macOS 14, CPUs with native bf16)")
+    add("--quantize", choices=("none", "4bit", "8bit"), default="none", help="quantize the weights as they load: "
+        "bitsandbytes on NVIDIA GPUs, Metal (MLX's kernels) on Apple Silicon (default: none, unless it only fits so)")
     add("--force_cpu", action="store_true", help="run on the CPU, for troubleshooting")
     add = parser.add_argument_group("planning, output and chat").add_argument
     add("--dry_run", action="store_true", help="print the plan (device, dtype, memory per component, whether it "
@@ -392,11 +409,10 @@ def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, caught before anything else happens."""
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
-    if args.quantize != "none" and (args.force_cpu or args.device in ("cpu", "mps")):
+    if args.quantize != "none" and (args.force_cpu or args.device == "cpu"):
         where = "--force_cpu" if args.force_cpu else f"--device {args.device}"
-        raise UsageError(f"--quantize {args.quantize} conflicts with {where}: bitsandbytes quantization runs on "
-                         "NVIDIA GPUs only" + (" (never on Apple Silicon)" if args.device == "mps" else "")
-                         + "; drop one of them")
+        raise UsageError(f"--quantize {args.quantize} conflicts with {where}: quantization runs on NVIDIA GPUs "
+                         "(bitsandbytes) and on Apple Silicon's GPU (Metal); drop one of them")
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
     if args.interactive:
@@ -744,6 +760,38 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
 # --- 5. the model: where it is, what it takes, how big it is -----------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class Prequantized:
+    """A checkpoint saved quantized, as its config.json says (quantization_config, or mlx-lm's block)."""
+    method: str                   # "awq", "gptq", "bitsandbytes", "fp8", "metal", "mlx", or another of transformers'
+    bits: int
+    group_size: int               # weights that share one scale (and zero point or bias)
+    skip: tuple[str, ...] = ()    # modules it leaves unquantized (modules_to_not_convert)
+
+    @property
+    def label(self) -> str:
+        names = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "metal": "Metal",
+                 "mlx": "MLX"}
+        return f"{names.get(self.method, self.method)} {self.bits}-bit"
+
+
+def prequantized_of(config: dict) -> Prequantized | None:
+    """How a checkpoint was saved quantized, from its config.json; None for plain weights."""
+    block = config.get("quantization_config") or config.get("thinker_config", {}).get("quantization_config") or {}
+    if "quantization" in config and not block.get("quant_method"):   # mlx-lm writes {"group_size", "bits"}
+        mlx = config["quantization"]
+        return Prequantized("mlx", int(mlx.get("bits", 4)), int(mlx.get("group_size", 64)))
+    method = str(block.get("quant_method", "")).lower().replace("fbgemm_fp8", "fp8")
+    if not method:
+        return None
+    if method == "bitsandbytes":
+        bits = 4 if block.get("load_in_4bit") else 8
+    else:
+        bits = int(block.get("bits") or block.get("weight_bits") or (8 if method == "fp8" else 4))
+    group = int(block.get("group_size") or 0)
+    return Prequantized(method, bits, group if group > 0 else 128, tuple(block.get("modules_to_not_convert") or ()))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What config.json says, read without torch."""
     model_id: str
@@ -753,6 +801,7 @@ class ModelInfo:
     path: str = ""            # the folder the files come from (a Hub snapshot for a Hub id)
     revision: str = ""        # the Hub commit of that snapshot; empty for a local folder
     local_only: bool = False  # the Hub is not to be asked (offline, or unreachable): the cache only
+    prequantized: Prequantized | None = None
 
 
 def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "",
@@ -771,7 +820,8 @@ def model_info_from_config(model_id: str, config: dict, path: str = "", revision
         kind = "multimodal"
     else:
         kind = "text"
-    return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only)
+    return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only,
+                     prequantized_of(config))
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -852,6 +902,19 @@ def check_model_folder(model_id: str) -> None:
                          "tokenizer_config.json); copy the whole model repository into it")
 
 
+def check_checkpoint(info: ModelInfo, options: Options) -> None:
+    """A checkpoint saved in a form transformers cannot load (MLX), or quantized twice, is said before loading."""
+    pre = info.prequantized
+    if pre and pre.method == "mlx":
+        original = unquantized_name(info.model_id) or "the unquantized repository it was made from"
+        raise UsageError(f"--model_id {info.model_id}: an MLX checkpoint ({pre.label}, mlx-lm's format), which "
+                         f"transformers cannot load; run it with mlx-lm or mlx-vlm (pip install mlx-vlm), or use "
+                         f"{original}")
+    if pre and options.quantize != "none":
+        raise UsageError(f"--quantize {options.quantize}: {info.model_id} is already quantized ({pre.label}); "
+                         "drop --quantize")
+
+
 def quiet_libraries(debug: bool) -> None:
     """transformers' and accelerate's warnings and loading bars say nothing a user can act on;
     the tool says what matters in its own words (--debug shows the warnings again)."""
@@ -900,6 +963,7 @@ class ModelFacts:
     hidden_size: int
     intermediate_size: int
     talker_kv_elements_per_token: int = 0
+    prequantized: Prequantized | None = None
     vision: VisionFacts | None = None
     context_window: int | None = None   # the language model's max_position_embeddings
     meta_model: object = dataclasses.field(default=None, compare=False, repr=False)   # for accelerate's placement
@@ -938,13 +1002,16 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
     import torch
     model = _meta_model(config, info, trust_remote_code)
     children = dict(model.named_children()) if info.kind == "omni" else {"model": model}
+    skip = info.prequantized.skip if info.prequantized else ()
     parameters, quantizable = {}, {}
     for name, child in children.items():
         parameters[name] = sum(p.numel() for p in child.parameters())
-        # bitsandbytes quantizes Linear layers and keeps the output head in the compute dtype.
+        # Quantizers convert Linear layers (but for the modules a checkpoint names) and keep the output
+        # head in the compute dtype.
         output = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
-        quantizable[name] = sum(p.numel() for module in child.modules()
+        quantizable[name] = sum(p.numel() for path, module in child.named_modules()
                                 if isinstance(module, torch.nn.Linear) and module is not output
+                                and not any(entry in f"{name}.{path}" for entry in skip)
                                 for p in module.parameters(recurse=False))
     inner = getattr(config, "thinker_config", config)
     text = inner.get_text_config()
@@ -956,7 +1023,7 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
         kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
-        context_window=getattr(text, "max_position_embeddings", None),
+        prequantized=info.prequantized, context_window=getattr(text, "max_position_embeddings", None),
         vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
         if vision is not None else None, meta_model=model)
 
@@ -1019,10 +1086,21 @@ class Hardware:
     cuda: tuple[CudaDevice, ...] = ()
     bitsandbytes: bool = False        # installed, so --quantize (or a plan that needs it) can work
     simulated: str = ""               # the --hardware spec this stands for, if any
+    chip: str = ""                    # Apple's chip: "M1", "M3 Pro"
+    macos: tuple[int, ...] = ()       # (14, 5)
+    metal_kernels: bool = False       # the kernels package transformers' MetalConfig needs, installed
 
     @property
     def apple_silicon(self) -> bool:
         return self.system == "Darwin" and self.machine == "arm64"
+
+    @property
+    def mps_bf16(self) -> bool:
+        return self.macos >= MPS_BF16_MACOS
+
+    @property
+    def macos_name(self) -> str:
+        return "macOS " + ".".join(map(str, self.macos)) if self.macos else "this macOS"
 
     @property
     def ram_gb(self) -> float:
@@ -1058,6 +1136,14 @@ def _read_cpu_bf16(system: str, machine: str) -> bool:
     return cpu_has_native_bf16(system, machine, cpuinfo, sysctl)
 
 
+def _apple_facts() -> dict:
+    """The chip (sysctl's brand string, "Apple M3 Pro") and the macOS version of this Mac."""
+    from transformers.utils import is_kernels_available
+    chip = _sysctl("machdep.cpu.brand_string").strip().removeprefix("Apple ")
+    macos = tuple(int(part) for part in platform.mac_ver()[0].split(".") if part.isdigit())
+    return {"chip": chip, "macos": macos, "metal_kernels": is_kernels_available()}
+
+
 def _has_bitsandbytes() -> bool:
     from transformers.utils import is_bitsandbytes_available
     return is_bitsandbytes_available()
@@ -1086,32 +1172,47 @@ def detect_hardware() -> Hardware:
     return Hardware(system=system, machine=machine, cpu_count=os.cpu_count() or 1,
                     cpu_bf16=_read_cpu_bf16(system, machine), ram_total=memory.total,
                     ram_available=memory.available, mps_built=mps_built, mps_available=mps_available,
-                    metal_budget=metal_budget, cuda=tuple(cuda), bitsandbytes=_has_bitsandbytes())
+                    metal_budget=metal_budget, cuda=tuple(cuda), bitsandbytes=_has_bitsandbytes(),
+                    **(_apple_facts() if system == "Darwin" else {}))
 
 
-def parse_hardware_spec(spec: str) -> tuple[str, tuple[float, ...]]:
-    """'mps:16', 'cuda:24', 'cuda:24,24' or 'cpu:32' -> (kind, sizes in GB)."""
-    kind, _, sizes = spec.strip().lower().partition(":")
+def parse_hardware_spec(spec: str) -> tuple[str, tuple[float, ...], dict]:
+    """'mps:16', 'cuda:24', 'cuda:24,24' or 'cpu:32' -> (kind, sizes in GB, a Mac's qualifiers): a Mac
+    may name its chip and macOS, in either order ('mps:16:m1:macos13.5' -> {"chip": "M1", "macos": (13, 5)})."""
+    kind, _, rest = spec.strip().lower().partition(":")
+    sizes, *qualifiers = rest.split(":")
     try:
         numbers = tuple(float(size) for size in sizes.split(","))
     except ValueError:
         numbers = ()
+    mac: dict = {}
+    for qualifier in qualifiers if kind == "mps" else ["unexpected"] if qualifiers else []:
+        version = qualifier.removeprefix("macos").split(".")
+        if len(qualifier) >= 2 and qualifier[0] == "m" and qualifier[1:].isdigit() and "chip" not in mac:
+            mac["chip"] = qualifier.upper()
+        elif qualifier.startswith("macos") and all(part.isdigit() for part in version) and "macos" not in mac:
+            mac["macos"] = tuple(int(part) for part in version)
+        else:
+            numbers = ()
     if kind not in ("mps", "cuda", "cpu") or not numbers or any(not 0 < n < 100_000 for n in numbers) \
             or (kind != "cuda" and len(numbers) != 1):
         raise argparse.ArgumentTypeError(
-            f"'{spec}' is not a hardware spec; use mps:16 (a Mac with 16 GB), cuda:24 or cuda:24,24 "
-            "(NVIDIA GPUs with that many GB each) or cpu:32 (no accelerator, 32 GB of RAM)")
-    return kind, numbers
+            f"'{spec}' is not a hardware spec; use mps:16 (a Mac with 16 GB; mps:16:m1:macos13.5 names its chip "
+            "and macOS), cuda:24 or cuda:24,24 (NVIDIA GPUs with that many GB each) or cpu:32 (no accelerator, "
+            "32 GB of RAM)")
+    return kind, numbers, mac
 
 
 def simulated_hardware(spec: str) -> Hardware:
-    """The machine a --hardware spec describes, idle: all of its memory is available.
-    A Mac is taken as an M1 (no native bf16); a CUDA machine has this machine's CPU and RAM."""
-    kind, sizes = parse_hardware_spec(spec)
+    """The machine a --hardware spec describes, idle: all of its memory is available. A Mac is an M3 on a
+    current macOS unless the spec says otherwise (an M1 has no native bf16); a CUDA machine has this
+    machine's CPU and RAM."""
+    kind, sizes, mac = parse_hardware_spec(spec)
     if kind == "mps":
-        ram = int(sizes[0] * GB)
-        return Hardware(system="Darwin", machine="arm64", cpu_count=8, cpu_bf16=False, ram_total=ram,
-                        ram_available=ram, mps_built=True, mps_available=True, simulated=spec)
+        ram, chip = int(sizes[0] * GB), mac.get("chip", SIMULATED_MAC_CHIP)
+        return Hardware(system="Darwin", machine="arm64", cpu_count=8, cpu_bf16=chip != "M1", ram_total=ram,
+                        ram_available=ram, mps_built=True, mps_available=True, simulated=spec, chip=chip,
+                        macos=mac.get("macos", SIMULATED_MACOS), metal_kernels=True)
     system, machine = platform.system(), platform.machine()
     if kind == "cpu":
         ram = int(sizes[0] * GB)
@@ -1137,6 +1238,8 @@ def describe_hardware(hw: Hardware) -> list[str]:
         else:
             lines.append("🍎 Apple Silicon detected, but this PyTorch was built without MPS")
     lines.append(f"📊 System RAM: {hw.ram_gb:.1f} GB ({hw.ram_available / GB:.1f} GB available)")
+    if hw.apple_silicon and (hw.chip or hw.macos):
+        lines.append(f"🍎 {('Apple ' + hw.chip) if hw.chip else 'Apple Silicon'} on {hw.macos_name}")
     if hw.metal_budget:
         lines.append(f"🍎 Metal working-set limit: {hw.metal_budget / GB:.1f} GB")
     for index, gpu in enumerate(hw.cuda):
@@ -1152,6 +1255,9 @@ def check_device_available(hw: Hardware, options: Options) -> None:
     if options.device == "mps" and not hw.mps_available:
         raise UsageError("--device mps: MPS is not available here (it needs Apple Silicon and macOS 12.3+); "
                          "use --device auto or --device cpu")
+    if options.device == "mps" and options.dtype == "bfloat16" and not hw.mps_bf16:
+        raise UsageError(f"--dtype bfloat16: MPS runs bfloat16 from macOS 14 on, and this Mac has {hw.macos_name}; "
+                         "use --dtype float16 or float32, or update macOS")
 
 
 # --- 7. the plan: device, dtype, quantization, memory, and why -------------------------------
@@ -1200,6 +1306,7 @@ class Plan:
     fits: bool = True
     gpus: tuple[int, ...] = ()
     components: tuple[str, ...] = ()   # what loads: ("thinker",) for Omni without speech
+    quantizer: str = ""                # "bitsandbytes", "metal", or a saved checkpoint's own ("awq", ...)
 
 
 def size_tier(parameters: int) -> str:
@@ -1240,27 +1347,42 @@ def audio_tokens(seconds: float) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1 + 2
 
 
-def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str,
-                 quantization: str | None) -> dict[str, tuple[int, int]]:
-    """component -> (parameters, bytes) at this precision."""
+def packed_bytes(quantizer: str, bits: int, group: int, width: int) -> float:
+    """Bytes one quantized weight takes, with its share of its group's scale and zero point (or bias)."""
+    if quantizer == "bitsandbytes":
+        return 0.5 + 4 / 64 if bits == 4 else 1.0      # nf4 and a float32 absmax per 64 weights; int8
+    if quantizer == "fp8":
+        return 1 + 4 / (128 * 128)                      # a float32 scale per 128 x 128 block
+    if quantizer in ("awq", "gptq"):
+        return bits / 8 + (2 + bits / 8) / group        # a float16 scale and a packed zero point per group
+    return bits / 8 + 2 * width / group                 # Metal, MLX: a scale and a bias per group, 16-bit
+
+
+def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
+                 quantizer: str = "bitsandbytes") -> dict[str, tuple[int, int]]:
+    """component -> (parameters, bytes) at this precision: quantized Linear layers with their group
+    scales and zero points or biases, the rest (embeddings, norms, the output head) in `dtype`."""
     width, sizes = DTYPE_BYTES[dtype], {}
+    pre = facts.prequantized
+    group = pre.group_size if pre and pre.method == quantizer else METAL_GROUP_SIZE
     for name in components:
         parameters = facts.parameters[name]
         if name in FLOAT32_COMPONENTS:
             sizes[name] = (parameters, parameters * 4)
         elif quantization:
             packed = facts.quantizable[name]
-            sizes[name] = (parameters, int(packed * QUANTIZED_BYTES[quantization] + (parameters - packed) * width))
+            per_weight = packed_bytes(quantizer, int(quantization.removesuffix("bit")), group, width)
+            sizes[name] = (parameters, int(packed * per_weight + (parameters - packed) * width))
         else:
             sizes[name] = (parameters, parameters * width)
     return sizes
 
 
 def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
-                    options: Options, workload: Workload) -> Estimate:
+                    options: Options, workload: Workload, quantizer: str = "bitsandbytes") -> Estimate:
     """Weights at the chosen precision, the KV cache for prompt + media + new tokens, and a margin."""
     width = DTYPE_BYTES[dtype]
-    sizes = weight_bytes(facts, components, dtype, quantization)
+    sizes = weight_bytes(facts, components, dtype, quantization, quantizer)
     media = sum(audio_tokens(seconds) for seconds in workload.audio_seconds)
     encoded_patches = 0   # the vision encoder's largest single input, for its activations
     if facts.vision:
@@ -1296,10 +1418,12 @@ def place(hw: Hardware, device: str, estimate: Estimate, spread=None) -> Placeme
     place every layer on them; without it, their free memory is added up)."""
     needed = estimate.total
     if device == "mps":
-        budget, source = metal_budget(hw)
+        budget, source = metal_budget(hw) if hw.mps_available else (0, "no MPS on this machine")
         return Placement(needed <= budget, budget, source)
     if device == "cpu":
         return Placement(needed <= hw.ram_available, hw.ram_available, "available RAM")
+    if not hw.cuda:
+        return Placement(False, 0, "no NVIDIA GPU on this machine")
     order = sorted(range(len(hw.cuda)), key=lambda i: -hw.cuda[i].free_bytes)
     best = order[0]
     if needed <= hw.cuda[best].free_bytes or len(order) == 1:
@@ -1333,7 +1457,14 @@ def accelerate_spread(facts: ModelFacts, components: tuple[str, ...], dtype: str
     return spread
 
 
-def choose_device(hw: Hardware, tier: str, options: Options) -> tuple[str, str]:
+def mps_usable(hw: Hardware, options: Options, vision: bool) -> bool:
+    """MPS can run this model here: Apple Silicon with MPS, Conv3d for a vision tower (macOS 13.2), and
+    bfloat16 (macOS 14) if the user asked for it."""
+    return (hw.apple_silicon and hw.mps_available and not (vision and hw.macos and hw.macos < MPS_CONV3D_MACOS)
+            and not (options.dtype == "bfloat16" and not hw.mps_bf16))
+
+
+def choose_device(hw: Hardware, tier: str, options: Options, vision: bool = False) -> tuple[str, str]:
     """The guide's placement policy: (device, reason)."""
     if options.force_cpu:
         return "cpu", "🔧 --force_cpu: using the CPU"
@@ -1342,6 +1473,10 @@ def choose_device(hw: Hardware, tier: str, options: Options) -> tuple[str, str]:
     if hw.cuda:
         return "cuda", f"🚀 NVIDIA GPU found ({hw.cuda[0].name}) - using CUDA"
     if hw.apple_silicon and hw.mps_available:
+        if not mps_usable(hw, options, vision):
+            return "cpu", (f"💻 Vision models need macOS 13.2 or later on MPS (Conv3d), and this Mac has "
+                           f"{hw.macos_name} - using CPU" if vision else "💻 --dtype bfloat16 needs macOS 14 on MPS "
+                           f"(this Mac has {hw.macos_name}) - using CPU")
         if tier == "small":
             return "mps", "🚀 Small model - using MPS"
         needed = MEDIUM_MPS_MIN_RAM_GB if tier == "medium" else LARGE_MPS_MIN_RAM_GB
@@ -1354,31 +1489,53 @@ def choose_device(hw: Hardware, tier: str, options: Options) -> tuple[str, str]:
     return "cpu", "💻 No GPU found - using CPU"
 
 
-def choose_dtype(hw: Hardware, device: str, options: Options) -> tuple[str, str]:
-    """float16 on MPS; bfloat16 on CUDA where supported; bfloat16 on a CPU only where it is native."""
+def runs_bf16(hw: Hardware, device: str) -> bool:
+    """bfloat16 runs at full speed there: every CUDA GPU from Ampere on, MPS from macOS 14, a CPU with native bf16."""
+    return {"cuda": all(gpu.bf16 for gpu in hw.cuda), "mps": hw.mps_bf16, "cpu": hw.cpu_bf16}[device]
+
+
+def choose_dtype(hw: Hardware, device: str, options: Options) -> tuple[str, tuple[str, ...]]:
+    """bfloat16 where it runs (Qwen is trained in it, and float16 overflows), float16 on older MPS and
+    CUDA, float32 on a CPU without native bf16 (emulated bf16 is many times slower): (dtype, reasons)."""
     if options.dtype != "auto":
-        return options.dtype, f"🔧 --dtype {options.dtype}: as asked"
+        return options.dtype, (f"🔧 --dtype {options.dtype}: as asked",)
     if device == "mps":
-        return "float16", "🔢 float16 on MPS for memory efficiency"
+        if hw.mps_bf16:
+            return "bfloat16", ("🔢 bfloat16 on MPS: Qwen was trained in bfloat16 and its activations overflow "
+                                "float16 (the same memory)",)
+        return "float16", ("🔢 float16 on MPS for memory efficiency",
+                           f"⚠️ bfloat16 needs macOS 14 on MPS and this Mac has {hw.macos_name}: float16 can "
+                           "overflow with Qwen; an answer that does is redone in float32")
     if device == "cuda":
-        if all(gpu.bf16 for gpu in hw.cuda):
-            return "bfloat16", "🔢 bfloat16 on CUDA"
-        return "float16", "🔢 float16 on CUDA (this GPU has no bfloat16)"
+        if runs_bf16(hw, "cuda"):
+            return "bfloat16", ("🔢 bfloat16 on CUDA",)
+        return "float16", ("🔢 float16 on CUDA (this GPU has no bfloat16)",)
     if hw.cpu_bf16:
-        return "bfloat16", "🔢 bfloat16 on the CPU (it has native bf16)"
-    return "float32", "🔢 float32 on the CPU (it lacks native bf16, which would be many times slower)"
+        return "bfloat16", ("🔢 bfloat16 on the CPU (it has native bf16)",)
+    return "float32", ("🔢 float32 on the CPU (it lacks native bf16, which would be many times slower)",)
 
 
 def choose_quantization(hw: Hardware, device: str, options: Options) -> tuple[str | None, list[str]]:
-    """bitsandbytes on CUDA only; never tried on Apple Silicon."""
+    """--quantize: bitsandbytes on CUDA; on Apple Silicon Metal's quantization on MPS (bitsandbytes is
+    never tried there), nothing on the CPU."""
     if options.quantize == "none":
         return None, []
     if hw.apple_silicon:
-        return None, ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
-                      "💡 MPS will provide GPU acceleration instead"]
+        lines = ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
+        if device == "mps" and not options.speech:
+            return options.quantize, lines + [_metal_line(options.quantize)]
+        if device == "mps":
+            return None, lines + ["🍎 Metal quantization is not used for a spoken reply (the talker and token2wav "
+                                  "stay in 16 and 32 bits)"]
+        return None, lines + ["💡 MPS will provide GPU acceleration instead"]
     if device != "cuda":
-        return None, [f"⚠️ Skipping --quantize {options.quantize}: bitsandbytes quantization needs a CUDA GPU"]
+        return None, [f"⚠️ Skipping --quantize {options.quantize}: quantization needs a CUDA GPU or Apple Silicon"]
     return options.quantize, [f"🗜️ {options.quantize} quantization with bitsandbytes"]
+
+
+def _metal_line(bits: str) -> str:
+    return (f"🗜️ {bits} Metal quantization on MPS (MLX's kernels through transformers' MetalConfig; the weights "
+            "are quantized as they load)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1388,24 +1545,84 @@ class Candidate:
     dtype: str
     quantization: str | None
     reasons: tuple[str, ...]
+    quantizer: str = ""    # "bitsandbytes", "metal", or a saved checkpoint's own ("awq", "gptq", ...)
 
 
-def candidates(hw: Hardware, tier: str, options: Options):
-    """The policy's choice first; then, unless the user chose the device, what to try when it does
-    not fit: 4-bit on CUDA, then the CPU in its dtype, then in bfloat16 where float32 would not fit."""
-    device, device_reason = choose_device(hw, tier, options)
-    dtype, dtype_reason = choose_dtype(hw, device, options)
-    quantization, quantization_reasons = choose_quantization(hw, device, options)
-    yield Candidate(device, dtype, quantization, (device_reason, dtype_reason, *quantization_reasons))
-    if options.forced:
+def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
+    """The policy's choice first; then, unless the user chose the device, what to try when it does not
+    fit. On a Mac: the guide's tier in 16-bit on MPS, then Metal 8-bit and 4-bit on MPS, then the CPU.
+    On CUDA: 16-bit, then 4-bit. Then the CPU in its dtype, and in bfloat16 where float32 would not fit."""
+    if facts.prequantized:
+        yield from _saved_quantized(hw, tier, options, facts)
         return
-    if device == "cuda" and quantization is None:
-        yield Candidate("cuda", dtype, "4bit", ("🗜️ 4-bit quantization with bitsandbytes",))
-    cpu_dtype, cpu_reason = choose_dtype(hw, "cpu", options)
-    yield Candidate("cpu", cpu_dtype, None, (cpu_reason,))
+    vision = facts.vision is not None
+    device, device_reason = choose_device(hw, tier, options, vision)
+    dtype, dtype_reasons = choose_dtype(hw, device, options)
+    quantization, quantization_reasons = choose_quantization(hw, device, options)
+    quantizer = "" if not quantization else "metal" if device == "mps" else "bitsandbytes"
+    first = Candidate(device, dtype, quantization, (device_reason, *dtype_reasons, *quantization_reasons), quantizer)
+    if options.forced:
+        yield first
+        return
+    if mps_usable(hw, options, vision) and not options.speech and not (quantization or options.quantize != "none"
+                                                                        and device == "mps"):
+        yield from _mac_ladder(hw, tier, options, first)
+    else:
+        yield first
+        if device == "cuda" and quantization is None:
+            yield Candidate("cuda", dtype, "4bit", ("🗜️ 4-bit quantization with bitsandbytes",), "bitsandbytes")
+    cpu_dtype, cpu_reasons = choose_dtype(hw, "cpu", options)
+    yield Candidate("cpu", cpu_dtype, None, cpu_reasons)
     if cpu_dtype == "float32" and options.dtype == "auto":
         yield Candidate("cpu", "bfloat16", None,
                         ("🔢 bfloat16 on the CPU to halve the memory (slow: this CPU lacks native bf16)",))
+
+
+def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
+    """MPS in 16-bit where the guide's tier puts the model there, then Metal 8-bit and 4-bit (or the
+    --quantize asked for) on MPS: a 7B model on a 16 GB Mac runs on its GPU, not on a CPU that cannot
+    hold it. (Not for a spoken reply: the talker and token2wav are not quantized.)"""
+    dtype, dtype_reasons = choose_dtype(hw, "mps", options)
+    if first.device == "mps":
+        yield first
+        lead = ()
+    else:
+        needed = MEDIUM_MPS_MIN_RAM_GB if tier == "medium" else LARGE_MPS_MIN_RAM_GB
+        lead = (f"💻 {tier.capitalize()} model: the guide keeps it off MPS in 16-bit below {needed} GB of RAM (this "
+                f"Mac has {hw.ram_gb:.1f} GB)", *dtype_reasons,
+                *(["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
+                  if options.quantize != "none" else []))
+    for bits in ([options.quantize] if options.quantize != "none" else ["8bit", "4bit"]):
+        yield Candidate("mps", dtype, bits, (*lead, _metal_line(bits)), "metal")
+        lead = ()
+
+
+SAVED_QUANTIZED_DEVICE = {"awq": "cuda", "gptq": "cuda", "bitsandbytes": "cuda", "fp8": "cuda", "metal": "mps"}
+SAVED_QUANTIZED_NEEDS = {"awq": "gptqmodel", "gptq": "gptqmodel and optimum", "bitsandbytes": "bitsandbytes",
+                         "fp8": "an NVIDIA GPU", "metal": "kernels"}
+
+
+def _saved_quantized(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
+    """A checkpoint saved quantized runs where its kernels run (AWQ, GPTQ, bitsandbytes, FP8 on NVIDIA GPUs;
+    Metal on MPS); elsewhere transformers dequantizes FP8 and Metal weights to 16-bit while loading, and
+    cannot run the others."""
+    pre = facts.prequantized
+    where = SAVED_QUANTIZED_DEVICE.get(pre.method)
+    saved = f"🗜️ {facts.model_id} is saved quantized ({pre.label}, groups of {pre.group_size})"
+    here = where == "cuda" and bool(hw.cuda) or where == "mps" and hw.mps_available
+    if where and here and options.device in ("auto", where) and not options.force_cpu:
+        dtype = "float16" if pre.method in ("awq", "gptq") else choose_dtype(hw, where, options)[0]
+        yield Candidate(where, dtype, f"{pre.bits}bit", (f"{saved}: it runs on {_device_name(where)} with "
+                                                         f"{SAVED_QUANTIZED_NEEDS[pre.method]}",), pre.method)
+    elif pre.method in ("fp8", "metal") or where is None:
+        note = (f"{saved}: without {'an NVIDIA GPU' if where == 'cuda' else 'MPS'} transformers dequantizes it to "
+                "16-bit while loading" if where else f"{saved}: counted here as 16-bit weights")
+        plain = dataclasses.replace(facts, prequantized=None)
+        for index, candidate in enumerate(candidates(hw, tier, options, plain)):
+            yield dataclasses.replace(candidate, reasons=(note, *candidate.reasons)) if index == 0 else candidate
+    else:
+        yield Candidate(where, "float16", f"{pre.bits}bit", (f"{saved}: its kernels need an NVIDIA GPU, which this "
+                                                             "machine does not have",), pre.method)
 
 
 def _device_name(device: str) -> str:
@@ -1421,10 +1638,20 @@ def describe_fit(estimate: Estimate, device: str, where: Placement) -> str:
 
 
 def _switch_line(first: Candidate, chosen: Candidate) -> str:
+    was = f"{first.quantization} quantization" if first.quantization else first.dtype
     if chosen.device == first.device and not chosen.quantization:   # the CPU, in a smaller dtype
-        return f"⚠️ Too big for {_device_name(first.device)} in {first.dtype}: using {chosen.dtype} instead"
-    return (f"⚠️ Too big for {_device_name(first.device)} in {first.dtype}: using {_device_name(chosen.device)}"
+        return f"⚠️ Too big for {_device_name(first.device)} in {was}: using {chosen.dtype} instead"
+    return (f"⚠️ Too big for {_device_name(first.device)} in {was}: using {_device_name(chosen.device)}"
             + (f" with {chosen.quantization} quantization" if chosen.quantization else "") + " instead")
+
+
+def _missing_package(hw: Hardware, candidate: Candidate) -> str | None:
+    """The package a quantized candidate needs and this machine lacks."""
+    if candidate.quantizer == "bitsandbytes" and not hw.bitsandbytes:
+        return "bitsandbytes"
+    if candidate.quantizer == "metal" and not hw.metal_kernels:
+        return "kernels"
+    return None
 
 
 def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Workload = Workload()) -> Plan:
@@ -1433,28 +1660,29 @@ def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Wor
     the next candidate that does, with the reason."""
     components = loading_components(facts, options.speech)
     tier = size_tier(sum(facts.parameters[name] for name in components))
-    first = first_line = None
+    first = None
     notes: list[str] = []
-    for candidate in candidates(hw, tier, options):
-        estimate = estimate_memory(facts, components, candidate.dtype, candidate.quantization, options, workload)
+    for candidate in candidates(hw, tier, options, facts):
+        estimate = estimate_memory(facts, components, candidate.dtype, candidate.quantization, options, workload,
+                                   candidate.quantizer or "bitsandbytes")
         spread = None if candidate.quantization else accelerate_spread(facts, components, candidate.dtype,
                                                                        estimate, hw)
         where = place(hw, candidate.device, estimate, spread)
         line = describe_fit(estimate, candidate.device, where)
+        missing = _missing_package(hw, candidate) if options.quantize == "none" else None   # asked: said at load
         if first is None:
             first, first_line, fallback = candidate, line, (estimate, where)
             reasons = [*candidate.reasons, line]
             if not where.fits and options.forced:
                 reasons.append(f"⚠️ Going ahead on {_device_name(candidate.device)} because you asked for it; "
                                "expect offloading or an out-of-memory fallback")
-            if where.fits or options.forced:
+            if options.forced or (where.fits and not missing):
                 return _plan(candidate, tier, reasons, estimate, where, components)
-            continue
-        if not where.fits:
-            continue
-        if candidate.quantization and not hw.bitsandbytes:
-            notes.append(f"💡 4-bit quantization would fit on the GPU ({format_bytes(estimate.total)}): "
-                         "pip install bitsandbytes to use it")
+        if where.fits and missing:
+            notes.append(f"💡 {candidate.quantization.replace('bit', '-bit')} quantization would fit on "
+                         f"{_device_name(candidate.device)} "
+                         f"({format_bytes(estimate.total)}): pip install {missing} to use it")
+        if not where.fits or missing or candidate is first:
             continue
         reasons = [*first.reasons, *notes, first_line, _switch_line(first, candidate), *candidate.reasons, line]
         return _plan(candidate, tier, reasons, estimate, where, components)
@@ -1464,29 +1692,76 @@ def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Wor
 def _plan(candidate: Candidate, tier: str, reasons: list[str], estimate: Estimate, where: Placement,
           components: tuple[str, ...]) -> Plan:
     return Plan(candidate.device, candidate.dtype, candidate.quantization, tier, tuple(reasons), estimate,
-                where.budget, where.source, where.fits, where.gpus, components)
+                where.budget, where.source, where.fits, where.gpus, components, candidate.quantizer)
+
+
+def unquantized_name(model_id: str) -> str | None:
+    """The repository a quantized checkpoint was most likely made from: Qwen/Qwen2.5-Omni-7B-AWQ ->
+    Qwen/Qwen2.5-Omni-7B, mlx-community/Qwen2.5-7B-Instruct-4bit -> Qwen/Qwen2.5-7B-Instruct."""
+    import re
+    owner, _, name = model_id.rstrip("/").rpartition("/")
+    base = re.sub(r"(?i)-(awq|gptq(-int\d)?|\d+-?bit|mlx.*|bnb.*|fp8)$", "", name)
+    if base == name or not base.lower().startswith("qwen"):
+        return None
+    return f"{owner if owner and '/' not in owner and owner != 'mlx-community' else 'Qwen'}/{base}"
 
 
 def does_not_fit_message(facts: ModelFacts, plan: Plan, hw: Hardware) -> str:
-    """The one line for a plan that fits nowhere: the figures and the options."""
-    estimate = plan.estimate
+    """The one line for a plan that fits nowhere: the figures and the options that fit the case (a
+    model far too large is not told to shorten its answer)."""
+    estimate, pre = plan.estimate, facts.prequantized
+    original = unquantized_name(facts.model_id) or "the unquantized repository it was made from"
+    if pre and plan.quantizer == pre.method and plan.budget_bytes == 0:
+        mac = " (on a Mac with --quantize 4bit, which quantizes it for Metal as it loads)" if hw.apple_silicon else ""
+        return (f"{facts.model_id} is saved quantized ({pre.label}), which runs on NVIDIA GPUs only, and this machine "
+                f"has none; use {original}{mac}, a smaller model such as {SMALLER_MODEL_HINT}, or a serving engine "
+                "(vLLM, SGLang) on a machine with an NVIDIA GPU")
     options = [f"a smaller model such as {SMALLER_MODEL_HINT}"]
-    if hw.cuda and not hw.apple_silicon:
-        options.append("--quantize 4bit")
     if facts.kind == "omni" and "talker" in estimate.components:
         options.append("no speech output (the thinker alone is smaller)")
-    options += ["fewer --max_new_tokens" + (" or --max_pixels" if estimate.media_tokens else ""),
-                "--device to force it anyway"]
+    if estimate.weights_bytes > plan.budget_bytes:   # the weights alone: shorter answers would not help
+        if not pre:
+            options.append("Qwen's own 4-bit checkpoint of it (AWQ or GPTQ) on an NVIDIA GPU")
+        options.append("a serving engine (vLLM, SGLang) on a machine with more GPU memory")
+    else:
+        options += ["fewer --max_new_tokens" + (" or --max_pixels" if estimate.media_tokens else ""),
+                    "--device to force it anyway"]
     cpu = "" if plan.device == "cpu" else f", and the CPU has {format_bytes(hw.ram_available)} of RAM available"
     return (f"{facts.model_id} needs about {format_bytes(estimate.total)} on {_device_name(plan.device)} "
-            f"in {plan.dtype} (weights {format_bytes(estimate.weights_bytes)}) but there is "
+            f"in {precision_of(plan)} (weights {format_bytes(estimate.weights_bytes)}) but there is "
             f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}){cpu}; try " + ", ".join(options))
 
 
-def cpu_plan(hw: Hardware, plan: Plan, why: str) -> Plan:
-    """The plan to fall back to after running out of memory: the CPU with the CPU's dtype."""
-    dtype, dtype_reason = choose_dtype(hw, "cpu", Options())
-    return Plan("cpu", dtype, None, plan.tier, (why, dtype_reason), components=plan.components)
+def retry_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Workload, plan: Plan,
+               overflowed: bool) -> Plan:
+    """The plan to retry with, fit-checked like any plan. After memory ran out on an accelerator: the
+    CPU in its dtype (bfloat16 where float32 would not fit). After the logits overflowed: a wider dtype
+    (bfloat16 where it runs, else float32) on the same device, else on the CPU."""
+    if overflowed:
+        wider = {"float16": ["bfloat16", "float32"], "bfloat16": ["float32"]}.get(plan.dtype, [])
+        if not wider:
+            raise RunError(DAMAGED.format(dtype=plan.dtype))
+        tries = [(plan.device, dtype, plan.quantization, plan.quantizer) for dtype in wider
+                 if dtype == "float32" or runs_bf16(hw, plan.device)]
+    else:
+        wider, tries = ["bfloat16", "float32"], []
+    cpu_order = ["bfloat16", "float32"] if hw.cpu_bf16 else ["float32", "bfloat16"]
+    tries += [("cpu", dtype, None, "") for dtype in cpu_order if dtype in wider and plan.device != "cpu"]
+    for device, dtype, quantization, quantizer in tries:
+        estimate = estimate_memory(facts, plan.components, dtype, quantization, options, workload,
+                                   quantizer or "bitsandbytes")
+        where = place(hw, device, estimate)
+        if where.fits:
+            reasons = choose_dtype(hw, device, Options())[1] if dtype == choose_dtype(hw, device, Options())[0] \
+                else (f"🔢 {dtype} on {_device_name(device)}",)
+            return _plan(Candidate(device, dtype, quantization, (), quantizer), plan.tier,
+                         [*reasons, describe_fit(estimate, device, where)], estimate, where, plan.components)
+    what = "its logits overflowed" if overflowed else "memory ran out"
+    estimate = estimate_memory(facts, plan.components, tries[-1][1] if tries else "float32", None, options, workload)
+    raise RunError(f"{what} on {_device_name(plan.device)} in {plan.dtype}, and {facts.model_id} needs about "
+                   f"{format_bytes(estimate.total)} to retry in a wider dtype or on the CPU, which has "
+                   f"{format_bytes(hw.ram_available)} of RAM available; try a smaller model such as "
+                   f"{SMALLER_MODEL_HINT}" + ("" if overflowed else " or fewer --max_new_tokens"))
 
 
 def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
@@ -1494,14 +1769,25 @@ def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
     estimate = plan.estimate
     return {
         "model_id": facts.model_id, "device": plan.device, "gpus": list(plan.gpus), "dtype": plan.dtype,
-        "quantization": plan.quantization, "tier": plan.tier,
+        "quantization": plan.quantization, "quantizer": plan.quantizer or None, "tier": plan.tier,
         "components": {name: {"parameters": p, "bytes": b} for name, (p, b) in estimate.components.items()},
         "parameters": estimate.parameters, "weights_bytes": estimate.weights_bytes,
         "context_tokens": estimate.context_tokens, "media_tokens": estimate.media_tokens,
         "kv_cache_bytes": estimate.kv_cache_bytes, "activation_bytes": estimate.activation_bytes,
         "estimated_bytes": estimate.total, "budget_bytes": plan.budget_bytes, "budget": plan.budget_source,
         "fits": plan.fits, "reasons": list(plan.reasons), "hardware": describe_hardware(hw),
+        "mac": {"chip": hw.chip, "macos": ".".join(map(str, hw.macos))} if hw.apple_silicon else None,
     }
+
+
+QUANTIZER_NAMES = {"bitsandbytes": "bitsandbytes", "metal": "Metal", "awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8"}
+
+
+def precision_of(plan: Plan) -> str:
+    """"bfloat16", "4bit bitsandbytes", "8bit Metal", "4bit AWQ": how the weights are held."""
+    if not plan.quantization:
+        return plan.dtype
+    return f"{plan.quantization} {QUANTIZER_NAMES.get(plan.quantizer, plan.quantizer)}".strip()
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -1509,9 +1795,9 @@ def describe_plan(plan: Plan) -> list[str]:
     estimate = plan.estimate
     where = plan.device + (f" ({', '.join(f'cuda:{i}' for i in plan.gpus)})" if plan.gpus else "")
     lines = [f"📋 Plan: {where}, {plan.dtype}, "
-             + (f"{plan.quantization} quantization" if plan.quantization else "no quantization")]
+             + (f"{precision_of(plan)} quantization" if plan.quantization else "no quantization")]
     for name, (parameters, nbytes) in estimate.components.items():
-        precision = "float32" if name in FLOAT32_COMPONENTS else (plan.quantization or plan.dtype)
+        precision = "float32" if name in FLOAT32_COMPONENTS else precision_of(plan)
         lines.append(f"   {name:<12}{format_count(parameters):>10}  {format_bytes(nbytes):>10}  {precision}")
     media = f", {estimate.media_tokens} of them for media" if estimate.media_tokens else ""
     lines.append(f"   {'KV cache':<12}{'':>10}  {format_bytes(estimate.kv_cache_bytes):>10}  "
@@ -1530,10 +1816,11 @@ def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     """from_pretrained's placement arguments for the plan: the GPU(s) it chose, MPS, or the CPU."""
     if plan.device == "cpu":
         return {}
-    if kind == "omni" and len(plan.gpus) <= 1:
+    if plan.device == "mps" or (kind == "omni" and len(plan.gpus) <= 1):
         # accelerate offloading part of an Omni model to CPU or disk leaves meta tensors behind and
-        # generation dies (QwenLM/Qwen2.5-Omni #110, #149, #356): the whole model goes on one device,
-        # or memory runs out and we fall back.
+        # generation dies (QwenLM/Qwen2.5-Omni #110, #149, #356); on a Mac accelerate's "auto" spills to
+        # disk past free RAM. The whole model goes on the device the plan checked, or memory runs out
+        # (on a Mac at the capped Metal budget) and the run falls back to the CPU.
         return {"device_map": {"": f"cuda:{plan.gpus[0]}" if plan.gpus else plan.device}}
     if plan.device == "cuda" and len(hw.cuda) > 1:
         # Only the GPUs the plan chose; an Omni model may spread over GPUs but never to the CPU.
@@ -1544,8 +1831,28 @@ def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     return {"device_map": "auto"}
 
 
-def _bitsandbytes_config(plan: Plan):
+SAVED_QUANTIZED_PACKAGES = {"awq": ("gptqmodel",), "gptq": ("gptqmodel", "optimum"), "bitsandbytes": ("bitsandbytes",),
+                            "metal": ("kernels",)}
+
+
+def _quantization_config(plan: Plan, info: ModelInfo):
+    """transformers' config for quantizing while loading (bitsandbytes, Metal); None for a checkpoint
+    saved quantized (its own config says how), after checking the packages its kernels need."""
     import torch
+    from transformers.utils import is_kernels_available
+    if info.prequantized:
+        missing = [name for name in SAVED_QUANTIZED_PACKAGES.get(plan.quantizer, ())
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            raise RunError(f"--model_id {info.model_id}: this {info.prequantized.label} checkpoint needs "
+                           f"{' and '.join(missing)}: pip install {' '.join(missing)}")
+        return None
+    if plan.quantizer == "metal":
+        if not is_kernels_available():
+            raise RunError(f"{plan.quantization} Metal quantization needs the kernels package: pip install -U kernels "
+                           "(or --device cpu)")
+        from transformers import MetalConfig
+        return MetalConfig(bits=int(plan.quantization.removesuffix("bit")), group_size=METAL_GROUP_SIZE)
     if not _has_bitsandbytes():
         raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
                        "(or run without --quantize)")
@@ -1554,6 +1861,35 @@ def _bitsandbytes_config(plan: Plan):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _metal_kernels_ready(plan: Plan) -> None:
+    """MetalLinear fetches its kernels from the Hub at its first product: fetch them now, so that a
+    machine that cannot is told before the answer starts."""
+    try:
+        from transformers.integrations.metal_quantization import _get_metal_kernel
+    except ImportError:   # another transformers layout: the first product will say
+        return
+    try:
+        _get_metal_kernel()
+    except ImportError as exc:
+        raise RunError(f"{plan.quantization} Metal quantization: its kernels could not be loaded ("
+                       f"{str(exc).splitlines()[0][:160]}); they come from the Hugging Face Hub on first use, so "
+                       "connect once, or use --device cpu") from exc
+
+
+def cap_metal_memory(plan: Plan) -> None:
+    """macOS swaps long before PyTorch runs out of memory, so an over-large run would crawl instead of
+    falling back: allocations past Metal's recommended working set (the plan's budget) raise instead."""
+    import torch
+    try:
+        torch.mps.set_per_process_memory_fraction(1.0)   # 1.0 x recommended_max_memory()
+    except (AttributeError, RuntimeError) as exc:
+        say(f"⚠️ Metal memory could not be capped ({exc}); past {format_bytes(plan.budget_bytes or 0)} macOS may "
+            "swap instead of the run falling back to the CPU")
+        return
+    say(f"🛡️ Metal memory capped at the plan's budget, {format_bytes(plan.budget_bytes or 0)} ({plan.budget_source}): "
+        "past it PyTorch raises out-of-memory and the run falls back to the CPU, instead of macOS swapping")
 
 
 def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: bool = False,
@@ -1570,8 +1906,8 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
         torch.backends.cuda.enable_cudnn_sdp(False)
     if plan.device == "mps" and info.kind != "omni":
         say("🍎 Using MPS device mapping for Apple Silicon GPU")
-    if plan.quantization:
-        kwargs["quantization_config"] = _bitsandbytes_config(plan)
+    if plan.quantization and (config := _quantization_config(plan, info)) is not None:
+        kwargs["quantization_config"] = config
     folder = Path(info.model_id).expanduser()
     if folder.is_dir() and any(folder.glob("*.safetensors")):
         kwargs["use_safetensors"] = True   # never the pickled .bin beside them
@@ -1583,7 +1919,12 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
             raise RunError(f"--model_id {info.model_id}: its weights file holds objects or code that PyTorch will "
                            "not load safely, so it was not loaded; use a .safetensors checkpoint from a source "
                            "you trust") from exc
+        if plan.quantization and isinstance(exc, (RuntimeError, ImportError, ValueError)) and not is_out_of_memory(exc):
+            raise RunError(f"{plan.quantization} {plan.quantizer} quantization could not load: "
+                           f"{str(exc).strip().splitlines()[0]}") from exc
         raise
+    if plan.quantizer == "metal":
+        _metal_kernels_ready(plan)
     model.eval()
     processor = (AutoTokenizer if info.kind == "text" else AutoProcessor).from_pretrained(info.model_id, **common)
     # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
@@ -1604,6 +1945,7 @@ class Decoder:
     kind: str          # "generate" (transformers), "step" (one step at a time), "graph" (CUDA graph), "compiled"
     reason: str        # the line that says which, and why
     lag: int = 0       # tokens the device may run ahead of the text on screen
+    draw_on_cpu: bool = False   # MPS's sampler can draw impossible tokens: draw on the CPU
 
     @property
     def fast(self) -> bool:
@@ -1632,8 +1974,12 @@ def choose_decoder(model, device: str, options: Options) -> Decoder:
         if options.compile_layers:
             say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
                 "torch.compile is still experimental)")
-        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time (--no_fast_decode: "
-                               "transformers' generate())", lag)
+        # MPS's exponential_ can emit -0.0, and torch.multinomial there then picks tokens of probability
+        # zero (pytorch#192577): on MPS a sampled token is drawn on the CPU, from the processed scores.
+        draw = device == "mps" and bool(effective_sampling(model.generation_config, options.sampling)["do_sample"])
+        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time" + (
+            ", each sampled token drawn on the CPU" if draw else "") + " (--no_fast_decode: transformers' generate())",
+            lag, draw)
     if options.compile_layers:
         return Decoder("compiled", "⚡ Fast decoding: a static KV cache, one CUDA graph per step, the layers "
                                    "compiled first (--compile: seconds before the second token, then faster)", lag)
@@ -1657,6 +2003,8 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options) -> Loaded:
     import torch
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if plan.device == "mps":
+        cap_metal_memory(plan)
     start = time.perf_counter()
     model, processor = load_model(info, plan, hw, options.trust_remote_code, options.max_pixels)
     device_map = {name: str(where) for name, where in (getattr(model, "hf_device_map", None) or
@@ -1696,11 +2044,14 @@ def fast_decoding_unsupported(model) -> str | None:
 
 class FastDecoder:
     """One token per step, as gpt-fast decodes: keys and values in a cache of prompt + max_new_tokens
-    slots (the prompt's, from the model's own forward, copied in), no host synchronisation inside a step.
-    Exact (off CUDA): the model's own modules over the filled slots, so answers equal generate()'s.
-    Fused (CUDA): q/k/v and gate/up fused into one product each and attention over all slots under a
-    mask, so every step has the same shapes; capture() records the step as one CUDA graph, and with
-    compile_layers torch.compile fuses each layer's arithmetic (one compilation serves every layer)."""
+    slots (the prompt's, from the model's own forward, copied in), and no host synchronisation inside a
+    step. A layer's arithmetic is written out with q/k/v and gate/up fused into one product each (the
+    model's Linear weights become views into them), PyTorch's fused RMSNorm, rotary in three operations
+    and the residuals added by the products themselves: about 14 dispatched operations a layer
+    (bench/count_step_ops.py), which matters where each costs tens of microseconds (MPS).
+    Off CUDA, attention runs over the filled slots (`fused` False). On CUDA (`fused`) it runs over all
+    slots under a mask, so that every step has the same shapes: capture() records the step once as a CUDA
+    graph, and with compile_layers torch.compile fuses each layer (one compilation serves every layer)."""
 
     def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, fused: bool,
                  compile_layers: bool = False):
@@ -1708,13 +2059,12 @@ class FastDecoder:
         decoder = model.get_decoder()
         config = decoder.config
         self.decoder, self.layers, self.head = decoder, decoder.layers, model.get_output_embeddings()
-        self.head_dim = self.layers[0].self_attn.head_dim
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.fused = fused
+        self.shape = (config.num_attention_heads, config.num_key_value_heads, self.layers[0].self_attn.head_dim)
+        self.eps, self.scaling, self.fused = config.rms_norm_eps, self.layers[0].self_attn.scaling, fused
         weight = decoder.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
         slots = prompt_length + max_new_tokens
-        shape = (len(self.layers), 1, self.kv_heads, slots, self.head_dim)
+        shape = (len(self.layers), 1, self.shape[1], slots, self.shape[2])
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers))):
@@ -1722,53 +2072,29 @@ class FastDecoder:
             self.values[i, :, :, :prompt_length] = values
         self.cos, self.sin = _rotary_tables(model, decoder, slots, device, dtype)
         self.slots = torch.arange(slots, device=device)
-        if not fused:   # transformers' own attention function, as the model's layers call it
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-            self.attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
-        else:
-            self.weights = [_fused_weights(layer) for layer in self.layers]
-            self.eps, self.scaling = config.rms_norm_eps, self.layers[0].self_attn.scaling
-            self.layer_in, self.layer_out = _layer_in, _layer_out
-            if compile_layers:   # dynamic=False: one shape, one compilation for all layers
-                self.layer_in = torch.compile(_layer_in, fullgraph=True, dynamic=False)
-                self.layer_out = torch.compile(_layer_out, fullgraph=True, dynamic=False)
+        self.weights = [_fused_weights(layer) for layer in self.layers]
+        self.layer_in, self.layer_out = _layer_in, _layer_out
+        if compile_layers:   # dynamic=False: one shape, one compilation for all layers
+            self.layer_in = torch.compile(_layer_in, fullgraph=True, dynamic=False)
+            self.layer_out = torch.compile(_layer_out, fullgraph=True, dynamic=False)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)   # the step's inputs
         self.position = torch.full((1,), prompt_length, dtype=torch.long, device=device)
         self.cuda_graph = self.logits = None
 
-    def _exact_step(self, token, position, length: int):
-        """The model's own modules and functions, attention over the `length` filled slots."""
-        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-        x = self.decoder.embed_tokens(token)
-        cos, sin = self.cos[position][None], self.sin[position][None]
-        for i, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(h).view(1, 1, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    def _step(self, token, position, length: int | None):
+        """Embedding to logits for one token at slot `position`; attention over the `length` filled
+        slots, or (None) over all of them with the unfilled masked."""
+        x = self.decoder.embed_tokens(token).view(1, -1)
+        cos, sin = self.cos[position], self.sin[position]
+        empty = None if length else (self.slots > position)[None, None, None, :]
+        for i, weights in enumerate(self.weights):
+            q, k, v = self.layer_in(x, weights, cos, sin, self.eps, self.shape)
             self.keys[i].index_copy_(2, position, k)
             self.values[i].index_copy_(2, position, v)
-            out, _ = self.attention(attention, q, self.keys[i][:, :, :length], self.values[i][:, :, :length], None,
-                                    dropout=0.0, scaling=attention.scaling)
-            x = x + attention.o_proj(out.reshape(1, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.decoder.norm(x))[:, -1].float()
-
-    def _fused_step(self, token, position):
-        """Fused weights, all slots under a mask: the same shapes every step."""
-        x = self.decoder.embed_tokens(token)
-        cos, sin = self.cos[position][None, None], self.sin[position][None, None]
-        empty = (self.slots > position)[None, None, None, :]
-        shape = (self.heads, self.kv_heads, self.head_dim)
-        for i, (norm_1, qkv, qkv_bias, o, norm_2, gate_up, down) in enumerate(self.weights):
-            q, k, v = self.layer_in(x, norm_1, qkv, qkv_bias, cos, sin, self.eps, shape)
-            self.keys[i].index_copy_(2, position, k)
-            self.values[i].index_copy_(2, position, v)
-            x = self.layer_out(x, q, self.keys[i], self.values[i], empty, o, norm_2, gate_up, down, self.eps,
-                               self.scaling, shape)
-        return self.head(self.decoder.norm(x))[:, -1].float()
+            keys, values = (self.keys[i], self.values[i]) if empty is not None else \
+                (self.keys[i][:, :, :length], self.values[i][:, :, :length])
+            x = self.layer_out(x, q, keys, values, empty, weights, self.eps, self.scaling, self.shape)
+        return self.head(_norm(x, self.decoder.norm.weight, self.eps)).float()
 
     def capture(self) -> None:
         """Record the step as a CUDA graph, after two warm-up runs on a side stream (they set up
@@ -1778,19 +2104,17 @@ class FastDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._fused_step(self.token, self.position)
+                self._step(self.token, self.position, None)
         torch.cuda.current_stream().wait_stream(stream)
         self.cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.cuda_graph):
-            self.logits = self._fused_step(self.token, self.position)
+            self.logits = self._step(self.token, self.position, None)
 
     def logits_at(self, token, position: int):
-        """The next token's logits (float32) after `token` (a [1] tensor) at cache slot `position`."""
+        """The next token's logits (float32, [1, vocabulary]) after `token` (a [1] tensor) at slot `position`."""
         self.position.fill_(position)
-        if not self.fused:
-            return self._exact_step(token.view(1, 1), self.position, position + 1)
         if self.cuda_graph is None:
-            return self._fused_step(token.view(1, 1), self.position)
+            return self._step(token.view(1, 1), self.position, None if self.fused else position + 1)
         self.token.copy_(token.view(1, 1))
         self.cuda_graph.replay()
         return self.logits.clone()   # the next replay overwrites the graph's output
@@ -1798,54 +2122,64 @@ class FastDecoder:
 
 def _rotary_tables(model, decoder, slots: int, device, dtype):
     """cos and sin for every slot, as the model's rotary embedding computes them (float32, then the
-    model's dtype). Multimodal Qwens shift text positions after pictures by `rope_deltas`; past the
-    prompt all three of their position streams are equal, which is plain 1-D rotary."""
+    model's dtype), the sin's first half negated: x * cos + roll(x) * sin is then rotate_half's rotary.
+    Multimodal Qwens shift text positions after pictures by `rope_deltas`; past the prompt all three of
+    their position streams are equal, which is plain 1-D rotary."""
     import torch
     positions = torch.arange(slots, device=device, dtype=torch.float32) + _rope_delta(model)
     angles = positions[:, None] * decoder.rotary_emb.inv_freq.float().to(device)[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
     scaling = getattr(decoder.rotary_emb, "attention_scaling", 1.0)
-    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+    cos, sin = angles.cos() * scaling, angles.sin() * scaling
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def _rms_norm(x, weight, eps: float):
-    """Qwen2RMSNorm's arithmetic (in float32, back to the input's dtype, then the weight), with
-    PyTorch's fused norm: fewer kernels than the module's five operations."""
-    from torch.nn import functional as F
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _layer_in(x, norm, qkv, qkv_bias, cos, sin, eps: float, shape: tuple):
-    """A decoder layer up to its attention: norm, q/k/v in one product, rotary on q and k together.
-    q, k, v as [1, heads, 1, head_dim]."""
-    import torch
-    from transformers.models.qwen2.modeling_qwen2 import rotate_half
-    heads, kv_heads, head_dim = shape
-    qkv = torch.nn.functional.linear(_rms_norm(x, norm, eps), qkv, qkv_bias).view(1, 1, -1, head_dim)
-    qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-    qk = qk * cos + rotate_half(qk) * sin
-    return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
-
-
-def _layer_out(x, q, keys, values, empty, o, norm, gate_up, down, eps: float, scaling: float, shape: tuple):
-    """The rest of a decoder layer: attention over the cache (`empty` marks the slots not yet filled),
-    output projection, the MLP with gate and up in one product. Attention groups the query heads onto
-    the key/value head they share (nothing repeated): two small products and a softmax, which for one
-    query token beat PyTorch's fused kernels (bench/profile_decode_step.py)."""
+def _norm(x, weight, eps: float):
+    """RMSNorm as one dispatched operation: PyTorch's fused kernel (F.rms_norm dispatches to it on CUDA
+    and MPS, and decomposes into six operations on the CPU, where the fused one is called directly)."""
     import torch
     from torch.nn import functional as F
+    if x.device.type == "cpu" and hasattr(torch.ops.aten, "_fused_rms_norm"):
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0]
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _layer_in(x, weights, cos, sin, eps: float, shape: tuple):
+    """A decoder layer up to its attention: norm, q/k/v in one product, rotary on q and k together (the
+    halves swapped by a roll, the sign in the sin table). q as [1, kv_heads, queries per kv head, head_dim],
+    grouped onto the key/value head they share; k and v as [1, kv_heads, 1, head_dim]."""
+    import torch
+    norm, qkv, qkv_bias = weights[:3]
     heads, kv_heads, head_dim = shape
-    grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling
-    weights = scores.float().masked_fill(empty, float("-inf")).softmax(dim=-1).to(values.dtype)
-    out = torch.matmul(weights, values)
-    x = x + F.linear(out.reshape(1, 1, heads * head_dim), o)
-    gate, up = F.linear(_rms_norm(x, norm, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down)
+    h = _norm(x, norm, eps)
+    qkv = (torch.addmm(qkv_bias, h, qkv.t()) if qkv_bias is not None else torch.mm(h, qkv.t())).view(1, -1, head_dim)
+    qk = qkv[:, :heads + kv_heads]
+    qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
+    return (qk[:, :heads].view(1, kv_heads, heads // kv_heads, head_dim), qk[:, heads:].view(1, kv_heads, 1, head_dim),
+            qkv[:, heads + kv_heads:].view(1, kv_heads, 1, head_dim))
+
+
+def _layer_out(x, q, keys, values, empty, weights, eps: float, scaling: float, shape: tuple):
+    """The rest of a decoder layer: attention, the output projection added to the residual by its own
+    product, the MLP with gate and up in one product. Over the filled slots (`empty` None) attention is
+    one fused call, the grouped queries as its rows; over all slots (the CUDA graph) it is two small
+    products and a softmax with `empty` masked, which for one query token beat PyTorch's fused kernels
+    (bench/profile_decode_step.py)."""
+    import torch
+    from torch.nn import functional as F
+    o, norm, gate_up, down = weights[3:]
+    heads, kv_heads, head_dim = shape
+    if empty is None:
+        out = F.scaled_dot_product_attention(q, keys, values, scale=scaling)
+    else:
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
+        out = torch.matmul(scores.float().masked_fill(empty, float("-inf")).softmax(dim=-1).to(values.dtype), values)
+    x = torch.addmm(x, out.view(1, heads * head_dim), o.t())
+    gate, up = torch.mm(_norm(x, norm, eps), gate_up.t()).chunk(2, dim=-1)
+    return torch.addmm(x, F.silu(gate) * up, down.t())
 
 
 def _fused_weights(layer) -> tuple:
-    """A layer's weights for the graph step, q/k/v and gate/up each fused into one matrix: fewer,
+    """A layer's weights for the fast step, q/k/v and gate/up each fused into one matrix: fewer,
     larger products. The layer's own Linear modules keep working (their weights become views into
     the fused ones, so no memory is added), and a model is fused once."""
     fused = getattr(layer, "_fast_decoder_weights", None)
@@ -1919,45 +2253,64 @@ def _decoding_settings(model, sampling: Sampling, prompt):
 
 class Sampler:
     """The next token, chosen on the device by transformers' own logits processors (temperature,
-    top-k, top-p, repetition penalty, min_new_tokens) and then greedily or by drawing from them."""
+    top-k, top-p, repetition penalty, min_new_tokens) and then greedily or by drawing from them; with
+    `draw_on_cpu` (MPS) the draw is made on the CPU from the processed scores, with the CPU's seeded
+    generator, so a seeded answer repeats."""
 
-    def __init__(self, settings):
-        self.config, self.processors, self.end = settings
+    def __init__(self, settings, draw_on_cpu: bool = False):
+        (self.config, self.processors, self.end), self.draw_on_cpu = settings, draw_on_cpu
 
     def __call__(self, ids, logits):
         """ids: the sequence so far [1, n]; logits: float32 [1, vocabulary] -> the token [1]."""
         import torch
         scores = self.processors(ids, logits)
-        if self.config.do_sample:
-            return torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        return torch.argmax(scores, dim=-1)
+        if not self.config.do_sample:
+            return torch.argmax(scores, dim=-1)
+        if self.draw_on_cpu:
+            probabilities = torch.nn.functional.softmax(scores.cpu(), dim=-1)
+            return torch.multinomial(probabilities, num_samples=1).squeeze(1).to(logits.device)
+        return torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+def choose_token(sampler: Sampler, ids, logits, finite, slot: int) -> None:
+    """ids[:, slot] from the logits, and finite[:, slot] whether they were all finite, without a host
+    synchronisation: non-finite logits (a float16 overflow) are zeroed first, so that drawing from them
+    cannot fail on the device; the token read back with its flag then stops the answer."""
+    import torch
+    ok = torch.isfinite(logits).all()
+    ids[:, slot] = sampler(ids[:, :slot], torch.where(ok, logits, 0.0))
+    finite[:, slot] = ok
 
 
 def decode_tokens(step, sampler: Sampler, ids, start: int, stop: int, lag: int):
     """Yield the tokens of slots start..stop-1 of `ids` [1, stop], each chosen from
     step(previous token, its slot) -> logits, without waiting for them: on CUDA each token goes to
     pinned host memory behind an event, so the device may run `lag` steps ahead of what is read
-    (the caller shows the tokens and stops at an end token; a step run past it is thrown away)."""
+    (the caller shows the tokens and stops at an end token; a step run past it is thrown away).
+    Non-finite logits raise NonFiniteLogits when their token is read."""
     import torch
     cuda = ids.device.type == "cuda"
-    host = torch.empty(stop, dtype=torch.long, pin_memory=True) if cuda else None
+    finite = torch.ones_like(ids, dtype=torch.bool)
+    host = torch.empty((2, stop), dtype=torch.long, pin_memory=True) if cuda else None
     pending: collections.deque = collections.deque()
     for slot in range(start, stop):
-        logits = step(ids[:, slot - 1], slot - 1)
-        ids[:, slot] = sampler(ids[:, :slot], logits)
+        choose_token(sampler, ids, step(ids[:, slot - 1], slot - 1), finite, slot)
         event = None
         if cuda:
-            host[slot:slot + 1].copy_(ids[0, slot:slot + 1], non_blocking=True)
+            host[0, slot:slot + 1].copy_(ids[0, slot:slot + 1], non_blocking=True)
+            host[1, slot:slot + 1].copy_(finite[0, slot:slot + 1], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         pending.append((slot, event))
         while len(pending) > lag or (slot == stop - 1 and pending):
-            slot_read, event = pending.popleft()
-            if event is None:
-                yield int(ids[0, slot_read])
-            else:
+            read, event = pending.popleft()
+            if event is not None:
                 event.synchronize()   # waits for that token only; later steps keep the device busy
-                yield int(host[slot_read])
+            token, ok = (int(host[0, read]), bool(host[1, read])) if cuda else \
+                (int(ids[0, read]), bool(finite[0, read]))
+            if not ok:
+                raise NonFiniteLogits()
+            yield token
 
 
 def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, decoder: Decoder) -> None:
@@ -1967,13 +2320,16 @@ def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, deco
     import torch
     prompt = inputs["input_ids"]
     length, budget = prompt.shape[-1], sampling.max_new_tokens
-    sampler = Sampler(_decoding_settings(model, sampling, prompt))
+    sampler = Sampler(_decoding_settings(model, sampling, prompt), decoder.draw_on_cpu)
     ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
     ids[:, :length] = prompt
+    finite = torch.ones_like(ids, dtype=torch.bool)
     streamer.put(prompt.cpu())
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(**inputs, **extra, **keep, use_cache=True)
-    ids[:, length] = sampler(prompt, out.logits[:, -1].to(copy=True, dtype=torch.float32))
+    choose_token(sampler, ids, out.logits[:, -1].to(copy=True, dtype=torch.float32), finite, length)
+    if not bool(finite[0, length]):
+        raise NonFiniteLogits()
     first = int(ids[0, length])
     streamer.put(torch.tensor([first]))
     if first not in sampler.end and budget > 1:
@@ -2038,6 +2394,19 @@ def make_streamer(tokenizer, stream: bool):
     return PrintingStreamer()
 
 
+def finite_guard():
+    """For transformers' generate(): a logits processor that stops it when the scores turn NaN or +inf,
+    or none is finite (the -inf that top-k and suppressed tokens leave are fine)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteGuard(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if bool(scores.isnan().any() | scores.isposinf().any()) or not bool(scores.isfinite().any()):
+                raise NonFiniteLogits()
+            return scores
+    return LogitsProcessorList([FiniteGuard()])
+
+
 def speech_kwargs(inputs, sampling: Sampling, speech: Speech) -> dict:
     """Arguments for Qwen2.5-Omni's full generate(): sampling settings go to the thinker only, and so
     do the pictures: un-prefixed pixel values would reach the talker too, which rejects them
@@ -2048,7 +2417,8 @@ def speech_kwargs(inputs, sampling: Sampling, speech: Speech) -> dict:
             kwargs[f"thinker_{key}"] = kwargs.pop(key)
     thinker = {f"thinker_{key}": value for key, value in sampling.generate_kwargs().items()}
     return {**kwargs, **thinker, "speaker": speech.speaker, "talker_max_new_tokens": speech.max_codes,
-            "talker_min_new_tokens": speech.min_codes}
+            "talker_min_new_tokens": speech.min_codes, "thinker_logits_processor": finite_guard(),
+            "talker_logits_processor": finite_guard()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2075,7 +2445,8 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speec
         if loaded.decoder.fast:
             fast_generate(model, inputs, sampling, streamer, extra, loaded.decoder)
         elif speech is None:
-            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer)
+            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer,
+                           logits_processor=finite_guard())
         else:
             _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
     except BaseException as exc:   # out of memory, Ctrl-C: the answer so far keeps its line, then it rises
@@ -2084,6 +2455,8 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speec
             write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n" if stopped else "")
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
             raise Interrupted(streamer.text) from exc
+        if isinstance(exc, NonFiniteLogits):
+            raise NonFiniteLogits(streamer.text) from exc
         raise
     end = time.perf_counter()
     if show != SHOW_NONE:
@@ -2094,13 +2467,20 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speec
 
 
 def peak_memory(device: str) -> tuple[int | None, str]:
-    """Peak memory of the device used: CUDA max allocated, MPS driver memory, or process RSS."""
+    """Peak memory of the device used: CUDA max allocated, MPS max allocated (what tensors took, not the
+    driver's reserved pool; before PyTorch kept an MPS peak, what was allocated at the end), or process RSS."""
     import torch
     if device == "cuda":
         return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())), \
             "CUDA max allocated"
     if device == "mps":
-        return int(torch.mps.driver_allocated_memory()), "MPS driver memory"
+        accelerator = getattr(torch, "accelerator", None)
+        try:   # torch.accelerator keeps MPS's peak in recent PyTorch
+            if accelerator.current_accelerator().type == "mps":
+                return int(accelerator.max_memory_allocated()), "MPS max allocated"
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            pass
+        return int(torch.mps.current_allocated_memory()), "MPS allocated at the end; no MPS peak in this PyTorch"
     try:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -2243,34 +2623,46 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
 
 
-def with_cpu_fallback(step, plan: Plan, hw: Hardware):
-    """step(plan); if memory runs out on an accelerator, free it and do step once more on the CPU."""
+DAMAGED = ("the logits turned NaN or infinite in {dtype}, so the answer would be wrong; the checkpoint looks damaged "
+           "(check its files, or try another copy)")
+
+
+def with_fallbacks(step, plan: Plan, hw: Hardware, facts: ModelFacts, options: Options, workload: Workload):
+    """step(plan), and once more on another plan, fit-checked: on the CPU when memory ran out on an
+    accelerator, in a wider dtype when the logits overflowed. A second failure is an error."""
     from accelerate.utils.memory import clear_device_cache
     try:
         return step(plan)
+    except NonFiniteLogits as exc:
+        retry = retry_plan(hw, facts, options, workload, plan, overflowed=True)
+        dropped = "; the text above is dropped" if exc.text and options.show == SHOW_STREAM else ""
+        why = (f"⚠️ The logits turned NaN or infinite in {plan.dtype}: the model's activations overflow it"
+               f"{dropped}; retrying once in {retry.dtype} on {_device_name(retry.device)}")
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         if plan.device == "cpu":
             raise RunError(f"out of memory on the CPU; try a smaller model such as {SMALLER_MODEL_HINT} "
                            "or fewer --max_new_tokens") from exc
-        failed = plan.device
+        retry = retry_plan(hw, facts, options, workload, plan, overflowed=False)
+        why = f"⚠️ Out of memory on {plan.device}: freed it, retrying once on the CPU"
     clear_device_cache(garbage_collection=True)
-    fallback = cpu_plan(hw, plan, f"⚠️ Out of memory on {failed}: freed it, retrying once on the CPU")
-    for line in fallback.reasons:
+    for line in (why, *retry.reasons):
         say(line)
     try:
-        return step(fallback)
+        return step(retry)
+    except NonFiniteLogits as exc:
+        raise RunError(DAMAGED.format(dtype=f"{retry.dtype} too")) from exc
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise RunError(f"out of memory on {failed} and on the CPU; try a smaller model such as "
-                           f"{SMALLER_MODEL_HINT} or fewer --max_new_tokens") from exc
+            raise RunError(f"out of memory on {plan.device} and on {'the CPU' if retry.device == 'cpu' else retry.device}"
+                           f"; try a smaller model such as {SMALLER_MODEL_HINT} or fewer --max_new_tokens") from exc
         raise
 
 
 def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media,
                 speech: Speech | None) -> Outcome:
-    """Load, answer the one prompt; on the CPU once more if memory runs out."""
+    """Load, answer the one prompt; once more on another plan if memory runs out or the logits overflow."""
     messages = build_messages(options.prompt or "", options.system_prompt, media, info.kind)
 
     def attempt(attempt_plan: Plan) -> Outcome:
@@ -2278,8 +2670,8 @@ def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, op
         try:
             return answer(loaded, options, facts, messages, media, speech)
         finally:
-            del loaded   # not kept alive by a traceback while the CPU retry loads its own copy
-    return with_cpu_fallback(attempt, plan, hw)
+            del loaded   # not kept alive by a traceback while the retry loads its own copy
+    return with_fallbacks(attempt, plan, hw, facts, options, workload_of(options, media))
 
 
 STATS_RECORDED = ("load_s", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes",
@@ -2417,10 +2809,10 @@ def _next_line(queue: list, terminal: bool) -> str | None:
         return line or None
 
 
-def _chat_turn(conversation: Conversation, loaded: Loaded, facts: ModelFacts) -> None:
-    """Answer the last message; a failed turn is one Error: line and the chat goes on."""
+def _chat_turn(conversation: Conversation, run_turn) -> None:
+    """Answer the last message with run_turn(); a failed turn is one Error: line and the chat goes on."""
     try:
-        conversation.last = answer(loaded, conversation.options, facts, conversation.messages, conversation.media())
+        conversation.last = run_turn()
     except Interrupted as exc:
         conversation.reply(exc.text)
         say("⏹️ Stopped; the answer so far stays in the conversation")
@@ -2439,8 +2831,16 @@ def _chat_turn(conversation: Conversation, loaded: Loaded, facts: ModelFacts) ->
 def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
     """--interactive: load once, then answer message after message, keeping the history.
     From a terminal it prompts; from a pipe it reads one message per line."""
-    loaded = with_cpu_fallback(lambda p: load(info, p, hw, options), plan, hw)
+    workload = workload_of(options, media)
+    current = [with_fallbacks(lambda p: load(info, p, hw, options), plan, hw, facts, options, workload)]
     conversation = Conversation(info, options)
+
+    def attempt(turn_plan: Plan) -> Outcome:   # a retry's plan loads the model anew, for the rest of the chat
+        if current[0] is None or current[0].plan is not turn_plan:
+            current[0] = None
+            current[0] = load(info, turn_plan, hw, options)
+        return answer(current[0], options, facts, conversation.messages, conversation.media())
+
     conversation.pending = media
     conversation.pending_paths = [*options.image_paths, *options.audio_paths, *options.video_paths]
     terminal = sys.stdin.isatty()
@@ -2452,7 +2852,8 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
             continue
         if not line.startswith("/"):
             conversation.ask(line)
-            _chat_turn(conversation, loaded, facts)
+            _chat_turn(conversation, lambda: with_fallbacks(attempt, current[0].plan if current[0] else plan, hw,
+                                                                  facts, options, workload))
             continue
         command, _, rest = line.partition(" ")
         if command in CHAT_COMMANDS and CHAT_COMMANDS[command] is None:
@@ -2552,6 +2953,7 @@ def run(args: argparse.Namespace) -> int:
     media = load_media(options)
     info = resolve_model(options.model_id)
     check_modalities(options, info)
+    check_checkpoint(info, options)
     speech = choose_speaker(options, info) if options.speech and not options.dry_run else None
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
@@ -2594,6 +2996,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # An operation MPS lacks runs on the CPU instead of stopping the run; read when torch is imported.
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)   # SIGTERM stops like Ctrl-C, cleanly
     try:

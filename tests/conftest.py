@@ -24,6 +24,11 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 GREEDY_ANY_DEVICE = ("--temperature", "0", "--dtype", "float32", "--max_new_tokens", "12")
 GREEDY = (*GREEDY_ANY_DEVICE, "--device", "cpu")
 
+# PyTorch's MPS allocator, word for word (aten/src/ATen/mps/MPSAllocator.mm), with a 16 GB Mac's figures
+MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 9.06 GB, other allocations: 1.54 GB, max allowed: "
+                     "10.67 GB). Tried to allocate 2.00 GB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 "
+                     "to disable upper limit for memory allocations (may cause system failure).")
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -97,7 +102,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 REAL_CONFIGS = ["Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct",
-                "Qwen--Qwen2.5-VL-3B-Instruct", "Qwen--Qwen2.5-Omni-3B"]
+                "Qwen--Qwen2.5-VL-3B-Instruct", "Qwen--Qwen2.5-Omni-3B", "Qwen--Qwen2.5-7B-Instruct"]
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +118,14 @@ def real_facts() -> dict:
         info = rm.resolve_model(str(CONFIGS / name))
         found[name] = rm.model_facts(rm.load_config(info, False), dataclasses.replace(info, model_id=name), False)
     return found
+
+
+@pytest.fixture(scope="session")
+def overflowing_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen2 whose activations overflow float16 (every weight finite in float16), and a damaged
+    copy whose logits are NaN in every dtype."""
+    import tiny_models as builders
+
+    root = tmp_path_factory.mktemp("overflowing")
+    return {"overflowing": builders.build_overflowing_qwen2(root / "overflowing", tiny_models["qwen2"]),
+            "damaged": builders.build_overflowing_qwen2(root / "damaged", tiny_models["qwen2"], poison=True)}

@@ -107,7 +107,8 @@ NUMBERS = [("--max_new_tokens", {"-5": "must be 1 or more, got -5", "0": "must b
            ("--max_speech_seconds", {"0": "must be in (0, 600]", "-3": "must be in (0, 600]",
                                      "601": "must be in (0, 600]", "long": "'long' is not a number"}),
            ("--device", {"tpu": "invalid choice: 'tpu'"}), ("--dtype", {"int4": "invalid choice: 'int4'"}),
-           ("--hardware", {"tpu:8": "'tpu:8' is not a hardware spec; use mps:16"})]
+           ("--hardware", {"tpu:8": "'tpu:8' is not a hardware spec; use mps:16",
+                           "mps:16:m9x": "'mps:16:m9x' is not a hardware spec; use mps:16"})]
 for flag, values in NUMBERS:
     CASES += [(f"{flag[2:]}={value}", [flag, value], 2, [f"argument {flag}: {says}"], True)
               for value, says in values.items()]
@@ -159,10 +160,10 @@ CASES += [
     ("speaker-without-output", ["--speaker", "Ethan"], 2, ["--speaker is about the spoken reply; add --output_audio "
                                                            "reply.wav"], True),
     ("force-cpu-and-cuda", ["--force_cpu", "--device", "cuda"], 2, ["--force_cpu conflicts with --device cuda"], True),
-    ("quantize-on-apple-silicon", ["--quantize", "4bit", "--device", "mps"], 2,
-     ["--quantize 4bit conflicts with --device mps", "never on Apple Silicon"], True),
-    ("quantize-on-the-cpu", ["--quantize", "8bit", "--force_cpu"], 2, ["--quantize 8bit conflicts with --force_cpu"],
-     True),
+    ("quantize-on-the-cpu", ["--quantize", "8bit", "--force_cpu"], 2,
+     ["--quantize 8bit conflicts with --force_cpu: quantization runs on NVIDIA GPUs (bitsandbytes) and on Apple "
+      "Silicon's GPU (Metal); drop one of them"], True),
+    ("mps-where-there-is-none", ["--device", "mps"], 2, ["--device mps: MPS is not available here"], False),
     ("cuda-where-there-is-none", ["--model_id", "{qwen2}", "--device", "cuda"], 2,
      ["--device cuda: no CUDA GPU is available here"], False),
     ("hardware-without-dry-run", ["--hardware", "mps:16"], 2,

@@ -125,36 +125,95 @@ def test_min_new_tokens_holds_back_the_end_token(loaded):
     assert len(expected) == 20 and got == expected
 
 
-def fused_against_exact(model, inputs, compile_layers: bool, steps: int = 12) -> float:
-    """Worst relative difference between the fused step's logits and the exact step's, feeding both
-    the exact step's greedy tokens; the greedy choices must agree."""
+def against_the_models_own_steps(model, inputs, fused: bool, compile_layers: bool = False, steps: int = 12) -> float:
+    """Worst relative difference between the fast step's logits and generate()'s own at each step, fed
+    generate()'s greedy tokens; the greedy choices must agree."""
     import torch
 
     length = inputs["input_ids"].shape[-1]
     with torch.inference_mode():
+        reference = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
         prompt = model(**inputs, use_cache=True)
-        exact = rm.FastDecoder(model, prompt.past_key_values, length, steps, fused=False)
-        fused = rm.FastDecoder(model, prompt.past_key_values, length, steps, fused=True,
-                               compile_layers=compile_layers)
-        token, worst = prompt.logits[:, -1].argmax(-1), 0.0
-        for slot in range(length, length + steps):
-            a, b = exact.logits_at(token, slot), fused.logits_at(token, slot)
-            worst = max(worst, float((a - b).abs().max() / a.abs().max()))
-            assert int(a.argmax()) == int(b.argmax())
-            token = a.argmax(-1)
+        fast = rm.FastDecoder(model, prompt.past_key_values, length, steps, fused=fused, compile_layers=compile_layers)
+        tokens, worst = reference.sequences[0, length:], 0.0
+        for i in range(1, len(reference.logits)):
+            expected, got = reference.logits[i].float(), fast.logits_at(tokens[i - 1:i], length + i - 1)
+            worst = max(worst, float((expected - got).abs().max() / expected.abs().max()))
+            assert int(expected.argmax()) == int(got.argmax())
     return worst
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["filled-slots", "masked-all-slots"])
 @pytest.mark.parametrize("name", MODELS)
-def test_fused_step_computes_what_the_modules_compute(loaded, name):
-    """The arithmetic the CUDA graph records (fused weights, masked attention over every slot),
-    run here without a graph."""
+def test_the_step_computes_what_the_model_computes(loaded, name, fused):
+    """Both steps: attention over the filled slots (off CUDA) and the CUDA graph's arithmetic (all slots
+    under a mask), run here without a graph, against the model's own forward inside generate()."""
     model, _, inputs = loaded[name]
-    assert fused_against_exact(model, inputs, compile_layers=False) < 1e-5
+    assert against_the_models_own_steps(model, inputs, fused) < 1e-5
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_layers_compute_what_the_modules_compute(loaded):
+def test_compiled_layers_compute_what_the_model_computes(loaded):
     model, _, inputs = loaded["qwen2"]
-    assert fused_against_exact(model, inputs, compile_layers=True, steps=4) < 1e-5
+    assert against_the_models_own_steps(model, inputs, fused=True, compile_layers=True, steps=4) < 1e-5
+
+
+def test_a_step_dispatches_at_most_16_operations_a_layer():
+    """MPS pays tens of microseconds for each dispatched operation: bench/count_step_ops.py counts a step of
+    the real Qwen2.5-0.5B config (its last line is the figure)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "count_step_ops.py")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    per_layer, rest = result.stdout.strip().splitlines()[-1].split(" ops per layer per token (")
+    assert float(per_layer) <= 16 and rest.endswith(", 24 layers)"), result.stdout
+
+
+def test_a_draw_on_the_cpu_repeats_generates_seeded_answer(loaded):
+    """On MPS sampled tokens are drawn on the CPU (MPS's multinomial can pick impossible tokens): from the
+    processed scores, with the CPU's seeded generator, so the answer is generate()'s on the CPU."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    model, _, inputs = loaded["qwen2"]
+
+    class Collect(BaseStreamer):
+        tokens: list = []
+
+        def put(self, value):
+            self.tokens = self.tokens + value.reshape(-1).tolist()
+
+        def end(self):
+            pass
+
+    for seed in (3, 4):
+        collect = Collect()
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            rm.fast_generate(model, inputs, SAMPLED, collect, {}, rm.Decoder("step", "", 8, draw_on_cpu=True))
+        assert collect.tokens[inputs["input_ids"].shape[-1]:] == plain_tokens(model, inputs, SAMPLED, seed)
+
+
+def test_logits_that_overflow_are_caught_not_shown(overflowing_models):
+    """float16 overflows in the tiny checkpoint's first layer: the step's logits are NaN, and the decoder
+    stops with NonFiniteLogits instead of printing an answer drawn from them; float32 decodes as generate()."""
+    import torch
+
+    info = rm.resolve_model(str(overflowing_models["overflowing"]))
+    for dtype, overflows in (("float16", True), ("float32", False)):
+        model, tokenizer = rm.load_model(info, rm.Plan("cpu", dtype, None, "", ()), rm.simulated_hardware("cpu:8"))
+        inputs = rm.prepare_inputs(tokenizer, rm.build_messages("Hello cat", None, rm.Media(), "text"), "cpu")
+        with torch.inference_mode():
+            logits = model(**inputs).logits
+        assert bool(torch.isfinite(logits).all()) is not overflows
+        if overflows:
+            with pytest.raises(rm.NonFiniteLogits):
+                fast_tokens(model, inputs, GREEDY)
+        else:
+            assert fast_tokens(model, inputs, GREEDY) == plain_tokens(model, inputs, GREEDY)

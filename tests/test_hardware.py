@@ -41,8 +41,8 @@ def test_native_bf16_detection(system, machine, cpuinfo, sysctl, native):
 
 
 def test_hardware_specs():
-    assert rm.parse_hardware_spec("cuda:24,24") == ("cuda", (24.0, 24.0))
-    assert rm.parse_hardware_spec("MPS:16") == ("mps", (16.0,))
+    assert rm.parse_hardware_spec("cuda:24,24") == ("cuda", (24.0, 24.0), {})
+    assert rm.parse_hardware_spec("MPS:16:M1") == ("mps", (16.0,), {"chip": "M1"})
     for bad in ("gpu:8", "mps", "mps:", "mps:16,16", "cuda:x", "cpu:-4", "cuda:24,", "cpu:0"):
         with pytest.raises(Exception, match="is not a hardware spec"):
             rm.parse_hardware_spec(bad)
@@ -64,3 +64,32 @@ def test_unavailable_devices_are_usage_errors():
     with pytest.raises(rm.UsageError, match="--device mps: MPS is not available"):
         rm.check_device_available(linux(True, H100), rm.Options(device="mps"))
     rm.check_device_available(linux(True, H100), rm.Options(device="cuda"))
+
+
+# --- Apple Silicon: the chip and macOS a simulated Mac names -------------------------------
+
+@pytest.mark.parametrize("spec, chip, macos, bf16", [
+    ("mps:16", "M3", (26, 0), True),             # the guide's machine: an M3 on a current macOS
+    ("mps:16:m1", "M1", (26, 0), False),          # no FEAT_BF16 on the M1's CPU
+    ("mps:16:macos13.5", "M3", (13, 5), True),
+    ("mps:16:m1:macos13.5", "M1", (13, 5), False),
+    ("mps:16:macos13.5:m1", "M1", (13, 5), False),
+])
+def test_a_simulated_mac_names_its_chip_and_macos(spec, chip, macos, bf16):
+    hw = rm.simulated_hardware(spec)
+    assert (hw.chip, hw.macos, hw.cpu_bf16, hw.mps_bf16) == (chip, macos, bf16, macos >= (14, 0))
+    assert f"🍎 Apple {chip} on macOS {'.'.join(map(str, macos))}" in rm.describe_hardware(hw)
+
+
+@pytest.mark.parametrize("bad", ["mps:16:m1:m2", "mps:16:x", "cuda:24:m1", "mps:16:macos", "cpu:8:macos14"])
+def test_a_macs_qualifiers_are_checked(bad):
+    with pytest.raises(Exception, match="is not a hardware spec; use mps:16"):
+        rm.parse_hardware_spec(bad)
+
+
+def test_bfloat16_on_mps_needs_macos_14():
+    old = rm.simulated_hardware("mps:16:macos13.5")
+    with pytest.raises(rm.UsageError, match="--dtype bfloat16: MPS runs bfloat16 from macOS 14 on, and this Mac has "
+                                            "macOS 13.5; use --dtype float16 or float32, or update macOS"):
+        rm.check_device_available(old, rm.Options(device="mps", dtype="bfloat16"))
+    rm.check_device_available(rm.simulated_hardware("mps:16"), rm.Options(device="mps", dtype="bfloat16"))

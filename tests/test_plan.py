@@ -19,6 +19,7 @@ from test_hardware import H100, T4, linux, mac
 GB = rm.GB
 OMNI, VL = "Qwen--Qwen2.5-Omni-3B", "Qwen--Qwen2.5-VL-3B-Instruct"
 Q05, Q15, Q3 = "Qwen--Qwen2.5-0.5B-Instruct", "Qwen--Qwen2.5-1.5B-Instruct", "Qwen--Qwen2.5-3B-Instruct"
+Q7 = "Qwen--Qwen2.5-7B-Instruct"
 SPEECH = rm.Options(output_audio=ROOT / "reply.wav")
 
 
@@ -184,38 +185,53 @@ def facts(parameters: int) -> rm.ModelFacts:
                          num_layers=36, hidden_size=2048, intermediate_size=11008)
 
 
+def macos(hw: rm.Hardware, version: tuple = (15, 1)) -> rm.Hardware:
+    return dataclasses.replace(hw, macos=version, metal_kernels=True)
+
+
 POLICY = [
-    # hardware, parameters, device, dtype
-    (mac(8), SMALL, "mps", "float16"),
-    (mac(8), MEDIUM, "cpu", "float32"),
-    (mac(8), LARGE, "cpu", "float32"),
-    (mac(16), SMALL, "mps", "float16"),
-    (mac(16), MEDIUM, "mps", "float16"),
-    (mac(16), LARGE, "cpu", "float32"),
-    (mac(16, bf16=True), LARGE, "cpu", "bfloat16"),   # M2 and later have native bf16
-    (mac(32), MEDIUM, "mps", "float16"),
-    (mac(32), LARGE, "mps", "float16"),
-    (mac(64), LARGE, "mps", "float16"),
-    (mac(16, mps=False), SMALL, "cpu", "float32"),
-    (linux(False, H100), SMALL, "cuda", "bfloat16"),
-    (linux(False, H100), LARGE, "cuda", "bfloat16"),
-    (linux(False, T4), MEDIUM, "cuda", "float16"),
-    (linux(True), MEDIUM, "cpu", "bfloat16"),
-    (linux(False), MEDIUM, "cpu", "float32"),
+    # hardware, parameters, device, dtype, quantization
+    (macos(mac(8)), SMALL, "mps", "bfloat16", None),
+    (macos(mac(8)), MEDIUM, "mps", "bfloat16", "4bit"),    # the guide: CPU; Metal 4-bit fits the GPU
+    (macos(mac(8)), LARGE, "mps", "bfloat16", "8bit"),     # fits nowhere: the first of the ladder, refused
+    (macos(mac(16)), SMALL, "mps", "bfloat16", None),
+    (macos(mac(16)), MEDIUM, "mps", "bfloat16", None),
+    (macos(mac(16)), LARGE, "mps", "bfloat16", "8bit"),
+    (macos(mac(32)), MEDIUM, "mps", "bfloat16", None),
+    (macos(mac(32)), LARGE, "mps", "bfloat16", None),
+    (macos(mac(64)), LARGE, "mps", "bfloat16", None),
+    (macos(mac(16), (13, 5)), MEDIUM, "mps", "float16", None),      # bfloat16 needs macOS 14
+    (dataclasses.replace(macos(mac(32)), ram_available=32 * GB, metal_kernels=False), SMALL, "mps", "bfloat16", None),
+    (mac(16, mps=False), SMALL, "cpu", "float32", None),
+    (linux(False, H100), SMALL, "cuda", "bfloat16", None),
+    (linux(False, H100), LARGE, "cuda", "bfloat16", None),
+    (linux(False, T4), MEDIUM, "cuda", "float16", None),
+    (linux(True), MEDIUM, "cpu", "bfloat16", None),
+    (linux(False), MEDIUM, "cpu", "float32", None),
 ]
 
 
-@pytest.mark.parametrize("hw, parameters, device, dtype", POLICY)
-def test_policy(hw, parameters, device, dtype):
+@pytest.mark.parametrize("hw, parameters, device, dtype, quantization", POLICY)
+def test_policy(hw, parameters, device, dtype, quantization):
     plan = rm.choose_plan(hw, facts(parameters), rm.Options())
-    assert (plan.device, plan.dtype, plan.quantization) == (device, dtype, None)
+    assert (plan.device, plan.dtype, plan.quantization) == (device, dtype, quantization)
+    assert plan.quantizer == ("metal" if quantization else "")
 
 
 def test_reasons_use_the_guides_words():
-    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Options())
+    plan = rm.choose_plan(macos(mac(16)), facts(MEDIUM), rm.Options())
     assert plan.reasons[0] == "🚀 Medium model with sufficient RAM - using MPS"
-    plan = rm.choose_plan(mac(8), facts(MEDIUM), rm.Options())
+    plan = rm.choose_plan(mac(8, mps=False), facts(MEDIUM), rm.Options())
+    assert plan.reasons[0] == "💻 MPS is not available - using CPU"
+    plan = rm.choose_plan(macos(mac(8)), facts(MEDIUM), rm.Options(output_audio=ROOT / "r.wav"))   # no Metal
     assert plan.reasons[0] == "💻 Medium model needs 16 GB of RAM for MPS (this Mac has 8.0 GB) - using CPU"
+    no_kernels = dataclasses.replace(mac(24), ram_available=24 * GB, macos=(15, 1))
+    plan = rm.choose_plan(no_kernels, facts(LARGE), rm.Options())
+    assert plan.reasons[0] == "💻 Large model: the guide keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has " \
+                              "24.0 GB)"
+    assert plan.reasons[3].startswith("💡 8-bit quantization would fit on MPS (") and \
+        plan.reasons[3].endswith("): pip install kernels to use it")
+    assert (plan.device, plan.dtype, plan.quantization) == ("cpu", "bfloat16", None)   # float32's 30.5 GB: no
 
 
 def test_a_16_gb_mac_counts_as_16_gb():
@@ -226,17 +242,22 @@ def test_a_16_gb_mac_counts_as_16_gb():
 @pytest.mark.parametrize("options, device, dtype, says", [
     (rm.Options(force_cpu=True), "cpu", "float32", "--force_cpu"),
     (rm.Options(device="cpu"), "cpu", "float32", "--device cpu"),
-    (rm.Options(dtype="bfloat16"), "cpu", "bfloat16", "--dtype bfloat16"),
-    (rm.Options(device="mps"), "mps", "float16", "--device mps"),
+    (rm.Options(dtype="float16"), "mps", "float16", "--dtype float16"),
+    (rm.Options(device="mps"), "mps", "bfloat16", "--device mps"),
 ])
 def test_flags_override_the_policy_and_say_so(options, device, dtype, says):
-    plan = rm.choose_plan(mac(8), facts(LARGE), options)
+    plan = rm.choose_plan(macos(mac(8)), facts(LARGE), options)
     assert (plan.device, plan.dtype) == (device, dtype)
     assert any(says in reason for reason in plan.reasons)
 
 
-def test_quantization_is_never_tried_on_apple_silicon():
-    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Options(quantize="4bit"))
+def test_bitsandbytes_is_never_tried_on_apple_silicon_metal_is():
+    plan = rm.choose_plan(macos(mac(16)), facts(MEDIUM), rm.Options(quantize="4bit"))
+    assert (plan.device, plan.quantization, plan.quantizer) == ("mps", "4bit", "metal")
+    assert plan.reasons[2:4] == ("🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
+                                 "🗜️ 4bit Metal quantization on MPS (MLX's kernels through transformers' MetalConfig; "
+                                 "the weights are quantized as they load)")
+    plan = rm.choose_plan(mac(16, mps=False), facts(MEDIUM), rm.Options(quantize="4bit"))
     assert plan.quantization is None
     assert plan.reasons[2:4] == ("🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)",
                                  "💡 MPS will provide GPU acceleration instead")
@@ -246,7 +267,7 @@ def test_quantization_on_cuda_and_not_on_the_cpu():
     assert rm.choose_plan(linux(False, H100), facts(LARGE), rm.Options(quantize="4bit")).quantization == "4bit"
     assert rm.choose_plan(linux(False, H100), facts(LARGE), rm.Options(quantize="8bit")).quantization == "8bit"
     plan = rm.choose_plan(linux(True), facts(LARGE), rm.Options(quantize="8bit"))
-    assert plan.quantization is None and "needs a CUDA GPU" in plan.reasons[2]
+    assert plan.quantization is None and "needs a CUDA GPU or Apple Silicon" in plan.reasons[2]
 
 
 def test_quantize_on_the_cpu_is_skipped_with_a_note(tiny_models):
@@ -259,26 +280,47 @@ def test_quantize_on_the_cpu_is_skipped_with_a_note(tiny_models):
     result = run_tool("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--quantize", "4bit",
                       *GREEDY_ANY_DEVICE)
     assert result.returncode == 0, result.stderr
-    assert "⚠️ Skipping --quantize 4bit: bitsandbytes quantization needs a CUDA GPU" in result.stderr
+    assert "⚠️ Skipping --quantize 4bit: quantization needs a CUDA GPU or Apple Silicon" in result.stderr
 
 
-def test_out_of_memory_fallback_plan_uses_the_cpus_dtype():
-    plan = rm.choose_plan(mac(16), facts(MEDIUM), rm.Options())
-    fallback = rm.cpu_plan(mac(16), plan, "why")
-    assert (fallback.device, fallback.dtype, fallback.quantization) == ("cpu", "float32", None)
-    assert rm.cpu_plan(linux(True, H100), plan, "why").dtype == "bfloat16"
+def test_the_plans_to_retry_with_are_fit_checked(real_facts):
+    options, workload, omni = rm.Options(), rm.Workload(), real_facts[OMNI]
+    on_gpu = rm.choose_plan(spec("cuda:24", cpu_bf16=False), omni, options)
+    cpu = rm.retry_plan(spec("cuda:24", cpu_bf16=False), omni, options, workload, on_gpu, overflowed=False)
+    assert (cpu.device, cpu.dtype, cpu.quantization, cpu.fits) == ("cpu", "float32", None, True)   # 64 GB of RAM
+    assert cpu.reasons[-1].endswith("(available RAM): fits")
+    small = spec("cuda:24", cpu_bf16=False, ram_gb=12)
+    assert rm.retry_plan(small, omni, options, workload, on_gpu, overflowed=False).dtype == "bfloat16"   # halved
+    with pytest.raises(rm.RunError, match=r"memory ran out on the GPU in bfloat16, and Qwen--Qwen2.5-Omni-3B needs "
+                                          r"about \d+\.\d+ GB to retry .* which has 6\.00 GB of RAM available"):
+        rm.retry_plan(spec("cuda:24", ram_gb=6), omni, options, workload, on_gpu, overflowed=False)
+    # The logits overflowed: a wider dtype on the same device where it fits
+    half = rm.choose_plan(spec("cuda:24"), omni, rm.Options(dtype="float16"))
+    wider = rm.retry_plan(spec("cuda:24"), omni, options, workload, half, overflowed=True)
+    assert (wider.device, wider.dtype) == ("cuda", "bfloat16")
+    old_mac = rm.simulated_hardware("mps:32:macos13.5")
+    mac_half = rm.choose_plan(old_mac, omni, options)
+    assert (mac_half.device, mac_half.dtype) == ("mps", "float16")
+    assert rm.retry_plan(old_mac, omni, options, workload, mac_half, overflowed=True).dtype == "float32"
+    with pytest.raises(rm.RunError, match="its logits overflowed"):
+        rm.retry_plan(spec("cuda:24"), omni, options, workload, dataclasses.replace(half, dtype="float32"), True)
 
 
 # --- when the first choice does not fit ---------------------------------------------
 
 PLANS = [
     # spec, model, speech, device, dtype, quantization, fits
-    ("mps:16", OMNI, False, "mps", "float16", None, True),      # the thinker fits Metal's 10.7 GB
-    ("mps:16", OMNI, True, "cpu", "bfloat16", None, True),      # the full model: not MPS, nor float32 in RAM
-    ("mps:32", OMNI, True, "mps", "float16", None, True),
-    ("mps:8", Q15, False, "mps", "float16", None, True),
-    ("mps:8", Q3, False, "cpu", "bfloat16", None, True),        # float32 would not fit 8 GB; slow but runs
-    ("mps:8", OMNI, False, "cpu", "float32", None, False),
+    ("mps:16", OMNI, False, "mps", "bfloat16", None, True),     # the thinker fits Metal's 10.7 GB
+    ("mps:16", OMNI, True, "cpu", "bfloat16", None, True),      # speaking: no Metal quantization; the M3's CPU
+    ("mps:16:m1", OMNI, True, "cpu", "bfloat16", None, True),   # float32 would not fit 16 GB: slow but runs
+    ("mps:32", OMNI, True, "mps", "bfloat16", None, True),
+    ("mps:16:macos13.5", OMNI, False, "mps", "float16", None, True),
+    ("mps:8", Q15, False, "mps", "bfloat16", None, True),
+    ("mps:8", Q3, False, "mps", "bfloat16", "8bit", True),      # the guide's CPU, but Metal 8-bit fits the GPU
+    ("mps:8", OMNI, False, "mps", "bfloat16", "4bit", True),
+    ("mps:16", Q7, False, "mps", "bfloat16", "8bit", True),     # a 7B on a 16 GB Mac: on its GPU
+    ("mps:32", Q7, False, "mps", "bfloat16", None, True),       # on a 32 GB Mac, 16-bit as the guide says
+    ("mps:4", OMNI, False, "mps", "bfloat16", "8bit", False),
     ("cuda:24", OMNI, True, "cuda", "bfloat16", None, True),
     ("cuda:12", VL, False, "cuda", "bfloat16", None, True),
     ("cuda:8", VL, False, "cuda", "bfloat16", "4bit", True),    # 7.5 GB of bf16 weights: 4-bit instead
@@ -332,14 +374,19 @@ def test_forcing_a_device_warns_instead_of_switching(real_facts):
     assert plan.reasons[-1].startswith("⚠️ Going ahead on the GPU because you asked for it")
 
 
-def test_the_refusal_names_the_figures_and_the_options(real_facts):
-    hw = spec("mps:8")
+def test_the_refusal_names_the_figures_and_the_options_that_fit_the_case(real_facts):
+    hw = spec("cpu:8", cpu_bf16=False)
     plan = rm.choose_plan(hw, real_facts[OMNI], rm.Options(), rm.Workload(image_sizes=((451, 300),)))
     message = rm.does_not_fit_message(real_facts[OMNI], plan, hw)
     assert message.startswith("Qwen--Qwen2.5-Omni-3B needs about 18.9")
-    assert "on the CPU in float32 (weights 17.52 GB) but there is 8.00 GB (available RAM); try a smaller model " \
-           "such as Qwen/Qwen2.5-1.5B-Instruct, fewer --max_new_tokens or --max_pixels, --device to force it " \
-           "anyway" in message
+    # 17.5 GB of weights for 8 GB: shorter answers or smaller pictures would not help
+    assert message.endswith("on the CPU in float32 (weights 17.52 GB) but there is 8.00 GB (available RAM); try a "
+                            "smaller model such as Qwen/Qwen2.5-1.5B-Instruct, Qwen's own 4-bit checkpoint of it (AWQ or "
+                            "GPTQ) on an NVIDIA GPU, a serving engine (vLLM, SGLang) on a machine with more GPU memory")
+    # the weights fit, a very long answer's KV cache does not: then shorter answers are the way
+    plan = rm.choose_plan(spec("cpu:8"), real_facts[Q15], rm.Options(sampling=rm.Sampling(200_000)))
+    assert not plan.fits and rm.does_not_fit_message(real_facts[Q15], plan, spec("cpu:8")).endswith(
+        "try a smaller model such as Qwen/Qwen2.5-1.5B-Instruct, fewer --max_new_tokens, --device to force it anyway")
 
 
 @settings(max_examples=300, deadline=None)
@@ -364,8 +411,9 @@ def test_the_plan_never_picks_a_device_the_machine_lacks(real_facts, spec, model
     plan = rm.choose_plan(hw, facts, options, rm.Workload(image_sizes=tuple(images) if facts.vision else ()))
     assert plan.device in kinds
     assert set(plan.gpus) <= set(range(len(hw.cuda)))
-    assert plan.quantization is None or plan.device == "cuda"   # never bitsandbytes off CUDA (never on a Mac)
-    assert plan.device != "mps" or dtype != "auto" or plan.dtype == "float16"   # float16 on MPS unless told
+    assert plan.quantizer in ({"": "", "cuda": "bitsandbytes", "mps": "metal"}[plan.device] if plan.quantization
+                              else "",)   # bitsandbytes on CUDA only, never on a Mac; Metal on MPS only
+    assert plan.device != "mps" or dtype != "auto" or plan.dtype == "bfloat16"   # macOS 26: bfloat16 on MPS
 
 
 # --- the dry run, as a user runs it ------------------------------------------------------
@@ -378,7 +426,8 @@ def test_dry_run_json_on_a_folder_with_only_config_json(tmp_path):
                       "--image_path", SAMPLE_IMAGE, "--prompt", "What is in this picture?")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert (plan["device"], plan["dtype"], plan["quantization"], plan["fits"]) == ("mps", "float16", None, True)
+    assert (plan["device"], plan["dtype"], plan["quantization"], plan["fits"]) == ("mps", "bfloat16", None, True)
+    assert plan["mac"] == {"chip": "M3", "macos": "26.0"}
     assert plan["components"] == {"thinker": {"parameters": 4_703_464_448, "bytes": 4_703_464_448 * 2}}
     assert plan["parameters"] == 4_703_464_448 and plan["weights_bytes"] == 4_703_464_448 * 2
     assert plan["media_tokens"] == 178
@@ -398,11 +447,11 @@ def test_a_spoken_reply_is_planned_with_talker_and_token2wav(tiny_models, tmp_pa
 
 
 def test_dry_run_that_fits_nowhere_exits_1_with_the_figures():
-    result = run_tool("--model_id", CONFIGS / OMNI, "--dry_run", "--hardware", "mps:8")
+    result = run_tool("--model_id", CONFIGS / OMNI, "--dry_run", "--hardware", "mps:4")
     assert result.returncode == 1
     assert "does NOT fit" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
-        f"❌ A real run would stop here: {CONFIGS / OMNI} needs about 18.69 GB on the CPU in float32")
+        f"❌ A real run would stop here: {CONFIGS / OMNI} needs about 5.74 GB on MPS in 8bit Metal")
 
 
 def test_a_real_run_prints_the_plan_it_follows(tiny_models):
@@ -420,3 +469,123 @@ def test_a_real_run_that_fits_nowhere_stops_before_loading(tiny_models):
     assert "[oom_wrapper] from_pretrained" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "needs about 0.25 GB on the CPU" in last and "0.10 GB (available RAM)" in last
+
+
+# --- Apple Silicon, as the field reports it --------------------------------------------------
+
+@pytest.mark.parametrize("hardware, dtype, says", [
+    ("mps:16", "bfloat16", "🔢 bfloat16 on MPS: Qwen was trained in bfloat16 and its activations overflow float16 "
+                           "(the same memory)"),
+    ("mps:16:macos13.5", "float16", "🔢 float16 on MPS for memory efficiency"),
+    ("mps:16:m1:macos13.5", "float16", "⚠️ bfloat16 needs macOS 14 on MPS and this Mac has macOS 13.5: float16 can "
+                                       "overflow with Qwen; an answer that does is redone in float32"),
+])
+def test_bfloat16_on_mps_from_macos_14(hardware, dtype, says):
+    result = run_tool("--model_id", CONFIGS / OMNI, "--dry_run", "--json", "--hardware", hardware, "--prompt", "Hi")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["device"], plan["dtype"]) == ("mps", dtype) and says in plan["reasons"]
+    assert plan["mac"]["macos"] == ("13.5" if "13.5" in hardware else "26.0")
+
+
+def test_vision_needs_macos_13_2_on_mps(real_facts):
+    plan = rm.choose_plan(rm.simulated_hardware("mps:32:macos13.1"), real_facts[VL], rm.Options())
+    assert plan.device == "cpu" and plan.reasons[0] == (
+        "💻 Vision models need macOS 13.2 or later on MPS (Conv3d), and this Mac has macOS 13.1 - using CPU")
+    assert rm.choose_plan(rm.simulated_hardware("mps:32:macos13.1"), real_facts[Q3], rm.Options()).device == "mps"
+
+
+def test_metal_weights_are_counted_with_their_group_scales_and_biases(real_facts):
+    facts = real_facts[Q7]
+    plan = rm.choose_plan(rm.simulated_hardware("mps:16"), facts, rm.Options())
+    packed, rest = facts.quantizable["model"], facts.total - facts.quantizable["model"]
+    # 8 bits a weight, and a bfloat16 scale and bias per 64 weights; the embedding and head stay bfloat16
+    assert plan.estimate.weights_bytes == int(packed * (1 + 4 / 64) + rest * 2)
+    assert plan.reasons[:3] == (
+        "💻 Large model: the guide keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has 16.0 GB)",
+        "🔢 bfloat16 on MPS: Qwen was trained in bfloat16 and its activations overflow float16 (the same memory)",
+        "🗜️ 8bit Metal quantization on MPS (MLX's kernels through transformers' MetalConfig; the weights are "
+        "quantized as they load)")
+    four = rm.estimate_memory(facts, ("model",), "bfloat16", "4bit", rm.Options(), rm.Workload(), "metal")
+    assert four.weights_bytes == int(packed * (0.5 + 4 / 64) + rest * 2)
+
+
+# --- checkpoints saved quantized ------------------------------------------------------------
+
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+
+
+def omni_7b() -> dict:
+    """Qwen2.5-Omni-7B's shape, derived from the published Omni-3B config with the 7B thinker's sizes (Qwen2.5-7B's
+    language model; vision and audio towers project to its 3584) and the 7B talker's embedding and MLP width."""
+    config = json.loads((CONFIGS / OMNI / "config.json").read_text())
+    thinker = config["thinker_config"]
+    thinker["text_config"].update(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                  num_hidden_layers=28, num_key_value_heads=4, vocab_size=152064)
+    thinker["vision_config"]["out_hidden_size"] = thinker["audio_config"]["output_dim"] = 3584
+    config["talker_config"].update(embedding_size=3584, intermediate_size=18944)
+    return config
+
+
+def saved(tmp_path, name: str, config: dict):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_an_awq_omni_7b_counts_its_4_bit_bytes_on_a_24_gb_gpu(tmp_path):
+    folder = saved(tmp_path, "Qwen2.5-Omni-7B-AWQ", {**omni_7b(), "quantization_config": {
+        **AWQ, "modules_to_not_convert": ["visual", "audio_tower", "talker", "token2wav"]}})
+    result = run_tool("--model_id", folder, "--dry_run", "--json", "--hardware", "cuda:24", "--prompt", "Hi")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["device"], plan["dtype"], plan["quantization"], plan["quantizer"]) == ("cuda", "float16", "4bit", "awq")
+    info = rm.resolve_model(str(folder))
+    facts = rm.model_facts(rm.load_config(info, False), info, False)
+    packed = facts.quantizable["thinker"]    # the language model's Linear layers; the towers stay 16-bit
+    assert packed == 6_525_417_472 and facts.parameters["thinker"] == 8_931_813_888
+    assert plan["weights_bytes"] == int(packed * (0.5 + 2.5 / 128) + (facts.parameters["thinker"] - packed) * 2)
+    assert plan["weights_bytes"] < 8.3e9   # against 17.9 GB in bfloat16
+    assert f"🗜️ {folder} is saved quantized (AWQ 4-bit, groups of 128): it runs on the GPU with gptqmodel" in \
+        plan["reasons"]
+
+
+def test_a_gptq_checkpoint_without_an_nvidia_gpu_is_refused_with_what_would_work(tmp_path):
+    folder = saved(tmp_path, "Qwen2.5-7B-Instruct-GPTQ-Int4", {
+        **json.loads((CONFIGS / Q7 / "config.json").read_text()), "quantization_config": GPTQ})
+    result = run_tool("--model_id", folder, "--dry_run", "--hardware", "mps:16", "--prompt", "Hi")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"❌ A real run would stop here: {folder} is saved quantized (GPTQ 4-bit), which runs on NVIDIA GPUs only, and "
+        "this machine has none; use Qwen/Qwen2.5-7B-Instruct (on a Mac with --quantize 4bit, which quantizes it for "
+        "Metal as it loads), a smaller model such as Qwen/Qwen2.5-1.5B-Instruct, or a serving engine (vLLM, SGLang) on "
+        "a machine with an NVIDIA GPU")
+
+
+def test_an_fp8_checkpoint_off_nvidia_gpus_is_counted_as_it_loads(real_facts, tmp_path):
+    folder = saved(tmp_path, "Qwen2.5-7B-Instruct-FP8", {
+        **json.loads((CONFIGS / Q7 / "config.json").read_text()),
+        "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}})
+    result = run_tool("--model_id", folder, "--dry_run", "--json", "--hardware", "cpu:64", "--prompt", "Hi")
+    plan = json.loads(result.stdout)
+    assert (plan["device"], plan["quantization"]) == ("cpu", None)
+    assert plan["weights_bytes"] == real_facts[Q7].total * rm.DTYPE_BYTES[plan["dtype"]]
+    assert plan["reasons"][0].endswith("without an NVIDIA GPU transformers dequantizes it to 16-bit while loading")
+    on_gpu = json.loads(run_tool("--model_id", folder, "--dry_run", "--json", "--hardware", "cuda:24", "--prompt",
+                                 "Hi").stdout)
+    assert (on_gpu["quantization"], on_gpu["quantizer"]) == ("8bit", "fp8")
+
+
+@pytest.mark.parametrize("name, config, args, says", [
+    ("Qwen2.5-7B-Instruct-4bit", {"quantization": {"group_size": 64, "bits": 4}}, (),
+     "an MLX checkpoint (MLX 4-bit, mlx-lm's format), which transformers cannot load; run it with mlx-lm or mlx-vlm "
+     "(pip install mlx-vlm), or use Qwen/Qwen2.5-7B-Instruct"),
+    ("Qwen2.5-7B-Instruct-AWQ", {"quantization_config": AWQ}, ("--quantize", "4bit"),
+     "is already quantized (AWQ 4-bit); drop --quantize"),
+])
+def test_checkpoints_that_cannot_load_as_asked_are_refused_before_loading(tmp_path, name, config, args, says):
+    folder = saved(tmp_path, name, {**json.loads((CONFIGS / Q7 / "config.json").read_text()), **config})
+    result = run_tool("--model_id", folder, "--dry_run", "--hardware", "cuda:24", "--prompt", "Hi", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr

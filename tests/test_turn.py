@@ -8,7 +8,9 @@ import platform
 import shutil
 from pathlib import Path
 
-from conftest import GREEDY, SAMPLE_IMAGE, fake_hub_cache, offline_env, run_tool
+import pytest
+
+from conftest import GREEDY, MPS_OUT_OF_MEMORY, SAMPLE_IMAGE, assert_one_line_error, fake_hub_cache, offline_env, run_tool
 from references import reference_chat
 
 WRAPPER = Path(__file__).resolve().parent / "oom_wrapper.py"
@@ -122,3 +124,122 @@ def test_out_of_memory_while_generating_on_the_gpu_and_then_the_cpu_is_a_clean_e
     assert result.stderr.count("retrying once on the CPU") == 1
     assert result.stderr.strip().splitlines()[-1] == BOTH_FAILED
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    MPS_OUT_OF_MEMORY,
+    "MPS backend out of memory (MPS allocated: 9.1 GB)",
+    "Invalid buffer size: 12.50 GB",                                                    # one Metal buffer too large
+    "Error: command buffer exited with error status.\n\tThe Metal Performance Shaders operations encoded on it may "
+    "not have completed.\n\tError: \n\t(null)\n\tInsufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
+    "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory",
+])
+def test_out_of_memory_in_every_form_the_devices_word_it(message):
+    import run_multimodal as rm
+    assert rm.is_out_of_memory(RuntimeError(message))
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (MemoryError(), True),
+    (type("OutOfMemoryError", (RuntimeError,), {})("boom"), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("out of memory"), False),
+])
+def test_what_is_not_out_of_memory(exc, oom):
+    import run_multimodal as rm
+    assert rm.is_out_of_memory(exc) is oom
+
+
+def test_the_cpu_fallback_is_checked_before_it_is_tried(tiny_models):
+    """Out of memory on the GPU, and the CPU has too little RAM for the model too: one line with the figures,
+    instead of a CPU attempt that would thrash."""
+    result = run_tool("--model_id", tiny_models["qwen2"], *ARGS, script=WRAPPER,
+                      env=offline_env(SIMULATED_GPU_GB="8", SIMULATED_RAM_GB="0.1"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("[oom_wrapper] from_pretrained") == 1   # the GPU's; the CPU was never tried
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: memory ran out on the GPU in bfloat16, and ")
+    assert "needs about 0.25 GB to retry in a wider dtype or on the CPU, which has 0.10 GB of RAM available" in \
+        result.stderr
+
+
+# --- logits that overflow: said, and retried once in a dtype that does not --------------------
+
+def retried_in(stderr: str) -> str:
+    line = next(line for line in stderr.splitlines() if line.startswith("⚠️ The logits turned NaN or infinite"))
+    return line.split("retrying once in ")[1].split()[0]
+
+
+@pytest.mark.parametrize("extra", [(), ("--no_fast_decode",)], ids=["fast-decoder", "generate"])
+def test_an_answer_that_overflows_float16_is_redone_and_equals_the_wider_dtypes(overflowing_models, extra):
+    args = ("--model_id", overflowing_models["overflowing"], "--prompt", "Hello cat", "--temperature", "0",
+            "--max_new_tokens", "12", "--device", "cpu", *extra)
+    half = run_tool(*args, "--dtype", "float16")
+    assert half.returncode == 0, half.stderr
+    wider = retried_in(half.stderr)
+    assert wider in ("bfloat16", "float32")   # bfloat16 where this CPU runs it natively, else float32
+    assert "⚠️ The logits turned NaN or infinite in float16: the model's activations overflow it; retrying once in " \
+           f"{wider} on the CPU" in half.stderr
+    reference = run_tool(*args, "--dtype", wider)
+    assert reference.returncode == 0 and "NaN" not in reference.stderr
+    assert half.stdout == reference.stdout and half.stdout.strip()
+
+
+def test_logits_that_stay_non_finite_are_an_error(overflowing_models):
+    result = run_tool("--model_id", overflowing_models["damaged"], "--prompt", "Hello cat", "--max_new_tokens", "4",
+                      "--device", "cpu", "--dtype", "float16")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("retrying once in") == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: the logits turned NaN or infinite in ") and \
+        result.stderr.strip().endswith("too, so the answer would be wrong; the checkpoint looks damaged (check its "
+                                       "files, or try another copy)")
+
+
+# --- on a (simulated) Mac ----------------------------------------------------------------------
+
+MAC = Path(__file__).resolve().parent / "mac_wrapper.py"
+
+
+def test_a_mac_runs_bfloat16_on_mps_capped_at_metals_budget(tiny_models):
+    args = ("--model_id", tiny_models["qwen2"], "--prompt", "Hello cat", "--temperature", "1", "--top_k", "50",
+            "--seed", "3", "--max_new_tokens", "12")
+    result = run_tool(*args, script=MAC, env=offline_env(MAC_SPEC="mps:16"))
+    assert result.returncode == 0, result.stderr
+    assert "🔢 bfloat16 on MPS: Qwen was trained in bfloat16 and its activations overflow float16" in result.stderr
+    assert "[mac_wrapper] memory fraction 1.0" in result.stderr
+    assert "🛡️ Metal memory capped at the plan's budget, 10.67 GB (Metal's working-set limit (~67% of RAM))" in \
+        result.stderr
+    assert "each sampled token drawn on the CPU" in result.stderr
+    assert "peak memory 0.12 GB (MPS allocated at the end; no MPS peak in this PyTorch)" in result.stderr
+    # drawn on the CPU with the seeded generator: the answer a CPU run gives, seed for seed
+    cpu = run_tool(*args, "--device", "cpu", "--dtype", "bfloat16")
+    assert result.stdout == cpu.stdout and result.stdout.strip()
+
+
+def test_an_old_macos_runs_float16_and_redoes_an_overflow_in_float32(overflowing_models):
+    args = ("--model_id", overflowing_models["overflowing"], "--prompt", "Hello cat", "--temperature", "0",
+            "--max_new_tokens", "12")
+    result = run_tool(*args, script=MAC, env=offline_env(MAC_SPEC="mps:16:macos13.5"))
+    assert result.returncode == 0, result.stderr
+    assert "🔢 float16 on MPS for memory efficiency" in result.stderr
+    assert "retrying once in float32 on MPS" in result.stderr   # no bfloat16 before macOS 14
+    assert result.stdout == run_tool(*args, "--device", "cpu", "--dtype", "float32").stdout
+
+
+def test_mps_out_of_memory_in_its_own_words_falls_back_to_the_cpu(tiny_models):
+    args = ("--model_id", tiny_models["qwen2"], *ARGS)
+    result = run_tool(*args, script=MAC, env=offline_env(MAC_SPEC="mps:16", MPS_OOM_AT_LOAD="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("⚠️ Out of memory on mps: freed it, retrying once on the CPU") == 1
+    assert "📈 cpu:" in result.stderr
+    assert result.stdout == run_tool(*args, "--device", "cpu", "--dtype", "bfloat16").stdout   # an M3: native bf16
+
+
+def test_metal_quantization_is_refused_without_mps(tiny_models):
+    """transformers' own MetalConfig refuses to quantize without an MPS device: its words, on one line."""
+    result = run_tool("--model_id", tiny_models["qwen2"], *ARGS, "--quantize", "8bit", script=MAC,
+                      env=offline_env(MAC_SPEC="mps:16", MAC_KERNELS="1"))
+    assert_one_line_error(result, 1, "Error: 8bit metal quantization could not load: Metal quantization requires an "
+                                     "Apple Silicon GPU (MPS). No MPS device found.")
+    assert "🗜️ 8bit Metal quantization on MPS" in result.stderr

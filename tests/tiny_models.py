@@ -280,6 +280,26 @@ def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu") ->
     return out
 
 
+def build_overflowing_qwen2(out: Path, source: Path, scale: float = 40.0, poison: bool = False) -> Path:
+    """The tiny Qwen2 with layer 0's MLP weights scaled by `scale` (at most ~33, finite in float16): its
+    activations overflow float16 at the first token, and stay finite in bfloat16 and float32. With
+    `poison`, one weight is NaN: its logits are NaN in every dtype (a damaged checkpoint)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(source, out)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(model.model.layers[0].mlp, name).weight.mul_(scale)
+        if poison:
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(out)
+    return out
+
+
 BUILDERS = {"qwen2": build_qwen2, "qwen2_5_vl": build_qwen2_5_vl, "qwen2_5_omni": build_qwen2_5_omni,
             "qwen3_omni": build_qwen3_omni}
 
