@@ -107,6 +107,14 @@ SPEECH_SAMPLE_RATE = 24_000
 TALKER_MAX_NEW_TOKENS = 4096             # speech codes the talker may generate by default
 TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
 SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works differently: not wired up yet
+# Speech in chunks: token2wav's DiT attends within blocks of 24 mel frames (2 per code), one block ahead
+# and two back across its layers; its vocoder makes SPEECH_HOP samples of each mel frame
+SPEECH_CONTEXT_BACK_BLOCKS, SPEECH_CONTEXT_AHEAD_BLOCKS = 2, 1
+# The chunks' sizes in blocks: a short first one (0.48 s of speech) comes soon; each next one is made
+# while the one before plays; from the third on, longer chunks (1.92 s) cost less a second of speech
+SPEECH_CHUNK_SCHEDULE = (2, 3, 8)
+VOCODER_OVERLAP_FRAMES = 20     # mel frames run on either side of a chunk, their samples trimmed
+SPEECH_HOP = 240
 SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                         "perceiving auditory and visual inputs, as well as generating text and speech.")
 
@@ -116,7 +124,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # Decoding
-FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text")   # Qwen2's decoder layer, as is
+FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text", "qwen2_5_omni_talker")   # Qwen2's layer
 COMPILING_DEVICES = ("cuda",)   # --compile gained nothing on a CPU; on MPS torch.compile is experimental
 STREAM_LAG_TOKENS = 8           # how far an accelerator may run ahead of the text on screen
 SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
@@ -283,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(seconds), then decode faster: for long answers and chats")
     add("--output_audio", metavar="PATH",
         help="also speak the answer into this WAV file (24 kHz mono; Qwen2.5-Omni only)")
+    add("--play", action="store_true", help="also speak the answer through the default output device as it is "
+                                            "made (Qwen2.5-Omni only; with --output_audio too, both)")
     add("--max_speech_seconds", type=_float_in(0, 600, low_open=True), metavar="SECONDS",
         help=f"the longest spoken reply (default: the model's {TALKER_MAX_NEW_TOKENS} speech codes, "
              f"{TALKER_MAX_NEW_TOKENS / TALKER_CODES_PER_SECOND:.0f} s)")
@@ -356,6 +366,7 @@ class Options:
     fast_decode: bool = True             # --no_fast_decode turns it off
     compile_layers: bool = False         # --compile
     output_audio: Path | None = None
+    play: bool = False                   # --play: hear the reply as it is made
     speaker: str | None = None
     speech_codes: int = TALKER_MAX_NEW_TOKENS   # the most speech codes the talker may generate
     device: str = "auto"                 # auto, mps, cuda, cpu
@@ -374,7 +385,7 @@ class Options:
     @property
     def speech(self) -> bool:
         """An Omni model speaks the answer too: the talker and token2wav load."""
-        return self.output_audio is not None
+        return self.output_audio is not None or self.play
 
     @property
     def forced(self) -> bool:
@@ -385,11 +396,11 @@ class Options:
 def options_from_args(args: argparse.Namespace) -> Options:
     """The flags as Options: contradictions refused, the prompt read, derived values computed once."""
     check_flags(args)
-    one_shot = args.dry_run or args.json or args.output_audio   # flags that only make sense for one answer
+    one_shot = args.dry_run or args.json or args.output_audio or args.play   # flags for one answer only
     interactive = not args.self_test and (
         args.interactive or (args.prompt is None and not one_shot and sys.stdin.isatty()))
     prompt = None if args.self_test or (interactive and args.prompt is None) else read_prompt(args)
-    speech = bool(args.output_audio)
+    speech = bool(args.output_audio or args.play)
     derived = dict(
         prompt=prompt, interactive=interactive, image_paths=tuple(args.image_path), audio_paths=tuple(args.audio_path),
         video_paths=tuple(args.video_path), custom_system_prompt=bool(args.system_prompt),
@@ -397,7 +408,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
         show=SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM,
         fast_decode=not args.no_fast_decode, compile_layers=args.compile,
-        output_audio=Path(args.output_audio).expanduser() if speech else None,
+        output_audio=Path(args.output_audio).expanduser() if args.output_audio else None,
         speech_codes=math.ceil(args.max_speech_seconds * TALKER_CODES_PER_SECOND) if args.max_speech_seconds
         else TALKER_MAX_NEW_TOKENS)
     same = {field.name: getattr(args, field.name) for field in dataclasses.fields(Options)
@@ -416,14 +427,14 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
     if args.interactive:
-        for flag in ("json", "output_audio", "dry_run"):
+        for flag in ("json", "output_audio", "play", "dry_run"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
     if args.use_audio_in_video and not args.video_path:
         raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
     for flag in ("speaker", "max_speech_seconds"):
-        if getattr(args, flag) and not args.output_audio:
-            raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav")
+        if getattr(args, flag) and not (args.output_audio or args.play):
+            raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav or --play")
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
@@ -599,6 +610,10 @@ def load_media(options: Options) -> Media:
     return media
 
 
+def flag_of_speech(options: Options) -> str:
+    return "--output_audio" if options.output_audio else "--play"
+
+
 def check_modalities(options: Options, info: ModelInfo) -> None:
     """A model that cannot take an input (or cannot speak) is told before anything loads."""
     what = "a text-only model" if info.kind == "text" else "a vision-language model"
@@ -607,16 +622,40 @@ def check_modalities(options: Options, info: ModelInfo) -> None:
             ("--video_path", options.video_paths, "video" in info.inputs, "watch video", "an Omni model"),
             ("--audio_path" if options.audio_paths else "--use_audio_in_video",
              options.audio_paths or options.use_audio_in_video, "audio" in info.inputs, "hear audio", "an Omni model"),
-            ("--output_audio", options.speech, info.kind == "omni", "speak", "an Omni model")):
+            (flag_of_speech(options), options.speech, info.kind == "omni", "speak", "an Omni model")):
         if given and not able:
             raise UsageError(f"{flag}: {options.model_id} is {what} and cannot {cannot}; drop {flag} or use {hint} "
                              f"such as {DEFAULT_MODEL_ID}")
+    flag = flag_of_speech(options)
     if options.speech and info.model_type not in SPEAKING_MODEL_TYPES:
-        raise UsageError(f"--output_audio: speaking with {info.model_type} models is not supported yet (their "
-                         f"text answers are); drop --output_audio or use {DEFAULT_MODEL_ID}")
+        raise UsageError(f"{flag}: speaking with {info.model_type} models is not supported yet (their "
+                         f"text answers are); drop {flag} or use {DEFAULT_MODEL_ID}")
+    if options.speech and not (info.speaks and _has_talker_weights(info)):
+        raise UsageError(f"{flag}: {options.model_id} was saved without its talker (" + (
+            "enable_audio_output is false in its config" if not info.speaks else "no talker weights in its files")
+            + f"), so it cannot speak; drop {flag}, or use a complete checkpoint such as {DEFAULT_MODEL_ID}")
 
 
-def read_speakers(info: ModelInfo) -> list[str]:
+def _has_talker_weights(info: ModelInfo) -> bool:
+    """Whether a local checkpoint's weight files hold the talker (read from the index, or the files' headers)."""
+    folder = Path(info.model_id).expanduser()
+    if not folder.is_dir():
+        return True   # a Hub id: its files are fetched with the weights
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return any(name.startswith("talker.") for name in json.loads(index.read_text()).get("weight_map", {}))
+    files = list(folder.glob("*.safetensors"))
+    if not files:
+        return True   # pickled weights: transformers will say
+    from safetensors import safe_open
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            if any(name.startswith("talker.") for name in weights.keys()):
+                return True
+    return False
+
+
+def read_speakers(info: ModelInfo, flag: str = "--output_audio") -> list[str]:
     """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
     import torch
     path = Path(info.model_id).expanduser() / "spk_dict.pt"
@@ -625,13 +664,13 @@ def read_speakers(info: ModelInfo) -> list[str]:
         try:
             path = Path(hf_hub_download(info.model_id, "spk_dict.pt", local_files_only=info.local_only))
         except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
-            raise RunError(f"--output_audio: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
+            raise RunError(f"{flag}: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
                            "use a complete Qwen2.5-Omni checkpoint") from exc
     # weights_only: a speaker file holds tensors and names, never code to run.
     try:
         return list(torch.load(path, weights_only=True, map_location="cpu"))
     except Exception as exc:
-        raise RunError(f"--output_audio: {path} holds more than voices (objects or code that PyTorch will not "
+        raise RunError(f"{flag}: {path} holds more than voices (objects or code that PyTorch will not "
                        "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
 
 
@@ -640,11 +679,12 @@ class Speech:
     speaker: str
     max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
     min_codes: int = 0                       # benchmarks force a length; a user never needs to
+    play: bool = False                       # --play: through the default output device, as it is made
 
 
 def choose_speaker(options: Options, info: ModelInfo) -> Speech:
     """The voice of a spoken reply, checked against the checkpoint's own before loading."""
-    voices = read_speakers(info)
+    voices = read_speakers(info, flag_of_speech(options))
     speaker = options.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
     if speaker not in voices:
         raise UsageError(f"--speaker {options.speaker}: not a voice of {options.model_id}; choose one of "
@@ -652,7 +692,7 @@ def choose_speaker(options: Options, info: ModelInfo) -> Speech:
     if options.custom_system_prompt:
         say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
             "come without speech")
-    return Speech(speaker, max_codes=options.speech_codes)
+    return Speech(speaker, max_codes=options.speech_codes, play=options.play)
 
 
 def check_output_audio(file: Path) -> Path:
@@ -802,6 +842,7 @@ class ModelInfo:
     revision: str = ""        # the Hub commit of that snapshot; empty for a local folder
     local_only: bool = False  # the Hub is not to be asked (offline, or unreachable): the cache only
     prequantized: Prequantized | None = None
+    speaks: bool = False      # an Omni checkpoint with its talker (enable_audio_output)
 
 
 def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "",
@@ -821,7 +862,7 @@ def model_info_from_config(model_id: str, config: dict, path: str = "", revision
     else:
         kind = "text"
     return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only,
-                     prequantized_of(config))
+                     prequantized_of(config), kind == "omni" and config.get("enable_audio_output", True) is not False)
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -1946,6 +1987,7 @@ class Decoder:
     reason: str        # the line that says which, and why
     lag: int = 0       # tokens the device may run ahead of the text on screen
     draw_on_cpu: bool = False   # MPS's sampler can draw impossible tokens: draw on the CPU
+    speaks: bool = False        # the talker decodes too (a spoken reply)
 
     @property
     def fast(self) -> bool:
@@ -1954,37 +1996,42 @@ class Decoder:
 
 def choose_decoder(model, device: str, options: Options) -> Decoder:
     """The decoder for this model, device and these flags: transformers' generate(), or the
-    FastDecoder one step at a time, as a CUDA graph, or as a CUDA graph with compiled layers."""
+    FastDecoder one step at a time, as a CUDA graph, or as a CUDA graph with compiled layers; for a
+    spoken reply, the thinker and the talker both on it."""
     import torch
-    if options.speech:
-        return Decoder("generate", "🐢 Decoding with transformers' generate(): a spoken reply needs the full "
-                                   "model's own loop")
+    spoken = " for the text and the spoken reply" if options.speech else ""
     if not options.fast_decode:
-        return Decoder("generate", "🐢 Decoding with transformers' generate() (--no_fast_decode)")
-    why_not = fast_decoding_unsupported(model)
+        return Decoder("generate", f"🐢 Decoding with transformers' generate(){spoken} (--no_fast_decode)")
+    thinker = model.thinker if options.speech else model
+    why_not = fast_decoding_unsupported(thinker) or (options.speech and fast_decoding_unsupported(
+        model.talker, model.talker.model))
     if why_not:
-        return Decoder("generate", f"🐢 Decoding with transformers' generate(): the fast decoder does not handle "
-                                   f"{why_not}")
-    probe = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-    if _decoding_settings(model, options.sampling, probe) is None:
+        return Decoder("generate", f"🐢 Decoding with transformers' generate(){spoken}: the fast decoder does not "
+                                   f"handle {why_not}")
+    probe = torch.zeros((1, 1), dtype=torch.long, device=thinker.device)
+    if _decoding_settings(thinker, options.sampling.generate_kwargs(), probe) is None:
         return Decoder("generate", "🐢 These decoding settings need transformers' generate(); the fast decoder is "
                                    "not used")
     lag = 0 if device == "cpu" else STREAM_LAG_TOKENS   # on the CPU each token is ready when its step returns
+    speech = ", the talker too, the speech made in chunks as its codes come" if options.speech else ""
     if device not in COMPILING_DEVICES:
         if options.compile_layers:
             say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
                 "torch.compile is still experimental)")
         # MPS's exponential_ can emit -0.0, and torch.multinomial there then picks tokens of probability
         # zero (pytorch#192577): on MPS a sampled token is drawn on the CPU, from the processed scores.
-        draw = device == "mps" and bool(effective_sampling(model.generation_config, options.sampling)["do_sample"])
-        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time" + (
+        draw = device == "mps" and (options.speech or effective_sampling(model.generation_config,
+                                                                          options.sampling)["do_sample"])
+        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time" + speech + (
             ", each sampled token drawn on the CPU" if draw else "") + " (--no_fast_decode: transformers' generate())",
-            lag, draw)
+            lag, device == "mps", options.speech)
     if options.compile_layers:
-        return Decoder("compiled", "⚡ Fast decoding: a static KV cache, one CUDA graph per step, the layers "
-                                   "compiled first (--compile: seconds before the second token, then faster)", lag)
-    return Decoder("graph", "⚡ Fast decoding: a static KV cache, one CUDA graph per step (--compile: faster after "
-                            "seconds of compiling, for long answers; --no_fast_decode: transformers' generate())", lag)
+        return Decoder("compiled", "⚡ Fast decoding: a static KV cache, one CUDA graph per step" + speech + ", the "
+                                   "layers compiled first (--compile: seconds before the second token, then faster)",
+                       lag, False, options.speech)
+    return Decoder("graph", "⚡ Fast decoding: a static KV cache, one CUDA graph per step" + speech + " (--compile: "
+                            "faster after seconds of compiling, for long answers; --no_fast_decode: transformers' "
+                            "generate())", lag, False, options.speech)
 
 
 @dataclasses.dataclass
@@ -1996,10 +2043,12 @@ class Loaded:
     load_s: float
     device_map: dict
     decoder: Decoder
+    token2wav: object = None   # a spoken reply's Token2WavChunks, made ready at load time
 
 
-def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options) -> Loaded:
-    """The model and processor for the plan, and the decoder that will answer with them."""
+def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Speech | None = None) -> Loaded:
+    """The model and processor for the plan, the decoder that will answer with them, and for a spoken
+    reply on the fast decoder, token2wav ready for the voice."""
     import torch
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -2013,16 +2062,17 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options) -> Loaded:
     say(describe_sampling(model.generation_config, options.sampling))
     decoder = choose_decoder(model, plan.device, options)
     say(decoder.reason)
-    return Loaded(model, processor, plan, load_s, device_map, decoder)
+    token2wav = token2wav_for(model, speech, decoder) if speech and decoder.speaks else None
+    return Loaded(model, processor, plan, load_s, device_map, decoder, token2wav)
 
 
 # --- 9. the decoding engine: a static KV cache, one step per token, the next token on the device --
 
-def fast_decoding_unsupported(model) -> str | None:
-    """Why the fast decoder cannot run this model here, or None when it can."""
+def fast_decoding_unsupported(model, decoder=None) -> str | None:
+    """Why the fast decoder cannot run this model (or its `decoder`) here, or None when it can."""
     import torch
     try:
-        decoder = model.get_decoder()
+        decoder = decoder if decoder is not None else model.get_decoder()
         config = decoder.config
         layer = decoder.layers[0]
     except (AttributeError, IndexError, TypeError):
@@ -2054,11 +2104,17 @@ class FastDecoder:
     graph, and with compile_layers torch.compile fuses each layer (one compilation serves every layer)."""
 
     def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, fused: bool,
-                 compile_layers: bool = False):
+                 compile_layers: bool = False, decoder=None, head=None, embed=None, states=None):
+        """`decoder`, `head` and `embed(token) -> [1, hidden]` default to the model's own (the talker brings
+        its own); `states` [max_new_tokens, hidden], if given, receives each processed token's final
+        hidden state plus its embedding (what Qwen2.5-Omni's talker reads of the thinker)."""
         import torch
-        decoder = model.get_decoder()
+        decoder = decoder if decoder is not None else model.get_decoder()
         config = decoder.config
-        self.decoder, self.layers, self.head = decoder, decoder.layers, model.get_output_embeddings()
+        self.decoder, self.layers = decoder, decoder.layers
+        self.head = head if head is not None else model.get_output_embeddings()
+        self.embed = embed or (lambda token: decoder.embed_tokens(token).view(1, -1))
+        self.states, self.prompt_length = states, prompt_length
         self.shape = (config.num_attention_heads, config.num_key_value_heads, self.layers[0].self_attn.head_dim)
         self.eps, self.scaling, self.fused = config.rms_norm_eps, self.layers[0].self_attn.scaling, fused
         weight = decoder.embed_tokens.weight
@@ -2084,7 +2140,7 @@ class FastDecoder:
     def _step(self, token, position, length: int | None):
         """Embedding to logits for one token at slot `position`; attention over the `length` filled
         slots, or (None) over all of them with the unfilled masked."""
-        x = self.decoder.embed_tokens(token).view(1, -1)
+        x = embedded = self.embed(token)
         cos, sin = self.cos[position], self.sin[position]
         empty = None if length else (self.slots > position)[None, None, None, :]
         for i, weights in enumerate(self.weights):
@@ -2094,7 +2150,10 @@ class FastDecoder:
             keys, values = (self.keys[i], self.values[i]) if empty is not None else \
                 (self.keys[i][:, :, :length], self.values[i][:, :, :length])
             x = self.layer_out(x, q, keys, values, empty, weights, self.eps, self.scaling, self.shape)
-        return self.head(_norm(x, self.decoder.norm.weight, self.eps)).float()
+        x = _norm(x, self.decoder.norm.weight, self.eps)
+        if self.states is not None:
+            self.states.index_copy_(0, position - self.prompt_length, x + embedded)
+        return self.head(x).float()
 
     def capture(self) -> None:
         """Record the step as a CUDA graph, after two warm-up runs on a side stream (they set up
@@ -2209,6 +2268,12 @@ def _fuse(linears: list) -> tuple:
     return weight, bias
 
 
+def cache_of(output):
+    """A forward's KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def _cache_layers(cache, count: int):
     """(keys, values) of each layer of a transformers cache, across the 5.x layouts."""
     if hasattr(cache, "layers"):
@@ -2226,15 +2291,14 @@ def _rope_delta(model) -> int:
     return 0
 
 
-def _decoding_settings(model, sampling: Sampling, prompt):
-    """transformers' own view of the decoding asked for: (generation config, logits processors,
-    end tokens), built by the same private helpers generate() uses, so that the fast decoder
-    samples exactly as generate() would. None where those helpers or the mode are not what
-    this was written against: then generate() runs instead (choose_decoder)."""
+def _decoding_settings(model, generate_kwargs: dict, prompt):
+    """transformers' own view of the decoding asked for (generate()'s keyword arguments): (generation
+    config, logits processors, end tokens), built by the same private helpers generate() uses, so that
+    the fast decoder samples exactly as generate() would. None where those helpers or the mode are not
+    what this was written against: then generate() runs instead (choose_decoder)."""
     from transformers import LogitsProcessorList
     try:
-        config, model_kwargs = model._prepare_generation_config(model.generation_config,
-                                                                **sampling.generate_kwargs())
+        config, model_kwargs = model._prepare_generation_config(model.generation_config, **generate_kwargs)
         if str(getattr(config.get_generation_mode(), "value", "")) not in ("greedy_search", "sample"):
             return None
         if config.stop_strings is not None or config.max_time is not None:
@@ -2320,7 +2384,7 @@ def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, deco
     import torch
     prompt = inputs["input_ids"]
     length, budget = prompt.shape[-1], sampling.max_new_tokens
-    sampler = Sampler(_decoding_settings(model, sampling, prompt), decoder.draw_on_cpu)
+    sampler = Sampler(_decoding_settings(model, sampling.generate_kwargs(), prompt), decoder.draw_on_cpu)
     ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
     ids[:, :length] = prompt
     finite = torch.ones_like(ids, dtype=torch.bool)
@@ -2334,7 +2398,7 @@ def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, deco
     streamer.put(torch.tensor([first]))
     if first not in sampler.end and budget > 1:
         fused = decoder.kind in ("graph", "compiled")
-        steps = FastDecoder(model, out.past_key_values, length, budget, fused, decoder.kind == "compiled")
+        steps = FastDecoder(model, cache_of(out), length, budget, fused, decoder.kind == "compiled")
         del out
         if fused:
             steps.capture()
@@ -2345,7 +2409,378 @@ def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, deco
     streamer.end()
 
 
-# --- 10. an answer: generated, streamed, timed ---------------------------------------------------
+# --- 10. a spoken reply: the talker on the decoding engine, token2wav in chunks, heard as made -----
+
+class Player:
+    """Plays a reply's chunks through the default output device as they come: PortAudio's own thread
+    pulls them from a queue, so that generating never waits on the sound card."""
+
+    def __init__(self):
+        import numpy as np
+        import sounddevice
+        self.queue, self.buffer = collections.deque(), np.zeros(0, dtype=np.float32)
+        self.stream = sounddevice.OutputStream(samplerate=SPEECH_SAMPLE_RATE, channels=1, dtype="float32",
+                                               callback=self._fill)
+        self.stream.start()
+
+    def _fill(self, out, frames, time_info, status) -> None:
+        import numpy as np
+        while len(self.buffer) < frames and self.queue:
+            self.buffer = np.concatenate((self.buffer, self.queue.popleft()))
+        count = min(frames, len(self.buffer))
+        out[:count, 0], out[count:, 0], self.buffer = self.buffer[:count], 0.0, self.buffer[count:]
+
+    def put(self, samples) -> None:
+        self.queue.append(samples)
+
+    def close(self, drain: bool) -> None:
+        """Stop, after what is queued has been heard when `drain`."""
+        while drain and (self.queue or len(self.buffer)):
+            time.sleep(0.02)
+        self.stream.stop()
+        self.stream.close()
+
+
+def check_play() -> None:
+    """--play needs sounddevice, the PortAudio library under it, and an output device: said before loading."""
+    try:
+        sounddevice = importlib.import_module("sounddevice")
+    except ImportError as exc:
+        raise RunError("--play needs the sounddevice package: pip install sounddevice (or pip install -r "
+                       "requirements.txt), or use --output_audio reply.wav") from exc
+    except OSError as exc:   # the wheel brings PortAudio on macOS and Windows; Linux has it as a system package
+        raise RunError(f"--play: PortAudio, which sounddevice plays through, is not installed ({exc}); install it "
+                       "(Debian, Ubuntu: apt install libportaudio2) or use --output_audio reply.wav") from exc
+    try:
+        sounddevice.query_devices(kind="output")
+    except (sounddevice.PortAudioError, ValueError) as exc:
+        raise RunError(f"--play: this machine has no audio output device ({exc}); use --output_audio reply.wav "
+                       "instead") from exc
+
+
+class AudioOut:
+    """The spoken reply as its chunks come: kept for --output_audio, played with --play; `first_s` is
+    when the first chunk came, counted from `start`."""
+
+    def __init__(self, play: bool, start: float):
+        self.chunks, self.first_s, self.start = [], None, start
+        self.player = Player() if play else None
+
+    def add(self, samples) -> None:
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self.start
+        self.chunks.append(samples)
+        if self.player:
+            self.player.put(samples)
+
+    def close(self, drain: bool):
+        """All the samples (None if there were none); with --play, after they have been heard (`drain`)."""
+        import numpy as np
+        if self.player:
+            self.player.close(drain)
+        return np.concatenate(self.chunks) if self.chunks else None
+
+
+class Token2WavChunks:
+    """Qwen2.5-Omni's token2wav, a chunk of speech at a time as the codes come. Its DiT attends within
+    blocks of mel frames (two per code), a block ahead and two back across its layers, so each chunk
+    (SPEECH_CHUNK_SCHEDULE) is solved (the ODE of transformers' `sample`) over a window with that context,
+    from a noise buffer drawn once a reply, so that overlapping windows start from the same noise. The
+    vocoder runs over the chunk's mel with VOCODER_OVERLAP_FRAMES more on each side, trimmed at the seams.
+    Faster than transformers' loop: the speaker encoder's output (the same for every evaluation) is
+    computed once; on a CUDA GPU the solve is replayed as a CUDA graph, one per window length the
+    schedule needs (captured by capture(), at load time; a window is widened backwards to a captured
+    length, which only adds context), and the DiT's float32 matrix products use TF32 (as its
+    convolutions, and the vocoder's, already do by PyTorch's default): the mel moves by about 2e-4 of
+    its size (bench/profile_token2wav.py)."""
+
+    def __init__(self, token2wav, voice: dict, seed: int):
+        import torch
+        if token2wav.dtype != torch.float32:   # as generate() does
+            token2wav.float()
+        self.dit, self.vocoder, self.seed = token2wav.code2wav_dit_model, token2wav.code2wav_bigvgan_model, seed
+        self.device = next(self.dit.parameters()).device
+        self.per_code, block = self.dit.repeats, self.dit.block_size
+        self.sizes = [block * n for n in SPEECH_CHUNK_SCHEDULE]
+        self.back, self.ahead = block * SPEECH_CONTEXT_BACK_BLOCKS, block * SPEECH_CONTEXT_AHEAD_BLOCKS
+        self.tf32 = self.device.type == "cuda"
+        self.cond = voice["cond"].to(self.device).float().view(1, -1)
+        self.reference = voice["ref_mel"].to(self.device).float()
+        options = {name: parameter.default for name, parameter in
+                   inspect.signature(type(token2wav).forward).parameters.items()}
+        self.scale, sway = options["guidance_scale"], options["sway_coefficient"]
+        self.times = torch.linspace(0, 1, options["num_steps"], device=self.device, dtype=torch.float32)
+        if sway is not None:
+            self.times += sway * (torch.cos(torch.pi / 2 * self.times) - 1 + self.times)
+        with torch.no_grad():   # the encoder's input in the DiT: the reference, then zeros for the unguided half
+            encoded = self.dit.input_embed.spk_encoder(torch.cat((self.reference, torch.zeros_like(self.reference))))
+        self.encoder = torch.nn.Module()
+        self.encoder.forward = lambda _reference: encoded
+        self.graphs = {}   # window length -> (graph, noise in, codes in, mel out)
+        self.begin(0)
+
+    def begin(self, max_codes: int) -> None:
+        """A new reply of at most `max_codes` codes: its noise, drawn from this object's own generator
+        (the talker's draws stay transformers'), and no mel yet."""
+        import torch
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        self.noise = torch.randn((1, max_codes * self.per_code, self.dit.mel_dim), generator=generator,
+                                 device=self.device, dtype=torch.float32)
+        self.mel, self.done, self.made = torch.zeros((1, self.dit.mel_dim, 0), device=self.device), 0, 0
+
+    def _solve(self, state, code):
+        """The ODE from `state` [1, frames, mel_dim] for `code`: RK4 over self.times with classifier-free
+        guidance, the steps as transformers' RungeKutta4ODESolver takes them. [1, mel_dim, frames]."""
+        import torch
+        speaker = self.cond.unsqueeze(1).repeat(1, state.shape[1], 1)
+        embed, matmul = self.dit.input_embed, torch.backends.cuda.matmul
+        encoder, embed.spk_encoder = embed.spk_encoder, self.encoder
+        tf32, matmul.allow_tf32 = matmul.allow_tf32, matmul.allow_tf32 or self.tf32
+        try:
+            def velocity(time_step, x):
+                out = self.dit(hidden_states=x, quantized_code=code, speaker_embedding=speaker,
+                               condition_vector=self.reference, time_step=time_step, apply_cfg=True)
+                guided, unguided = torch.chunk(out, 2, dim=0)
+                return guided + (guided - unguided) * self.scale
+            for t0, t1 in zip(self.times[:-1], self.times[1:]):
+                dt = t1 - t0
+                k1 = velocity(t0, state)
+                k2 = velocity(t0 + dt * (1 / 3), state + dt * k1 * (1 / 3))
+                k3 = velocity(t0 + dt * (2 / 3), state + dt * (k2 - k1 * (1 / 3)))
+                k4 = velocity(t1, state + dt * (k1 - k2 + k3))
+                state = state + (k1 + 3 * (k2 + k3) + k4) * dt / 8
+        finally:
+            embed.spk_encoder, matmul.allow_tf32 = encoder, tf32
+        return state.permute(0, 2, 1)
+
+    def window_lengths(self) -> list[int]:
+        """The windows the schedule solves before it settles: the lengths worth a CUDA graph."""
+        lengths, done = [], 0
+        for size in self.sizes + self.sizes[-1:]:
+            lengths.append(done + size + self.ahead - max(0, done - self.back))
+            done += size
+        return sorted(set(lengths))
+
+    def capture(self) -> float:
+        """Record the solve over each window length as a CUDA graph (one warm-up run first: cuBLAS's
+        workspace, the attention kernels chosen), the graphs sharing one memory pool. Returns seconds."""
+        import torch
+        start, lengths = time.perf_counter(), self.window_lengths()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad():
+            with torch.cuda.stream(stream):
+                self._solve(torch.zeros((1, lengths[0], self.dit.mel_dim), device=self.device),
+                            torch.zeros((1, lengths[0] // self.per_code), dtype=torch.long, device=self.device))
+            torch.cuda.current_stream().wait_stream(stream)
+            for length in lengths:
+                noise_in = torch.zeros((1, length, self.dit.mel_dim), device=self.device)
+                code_in = torch.zeros((1, length // self.per_code), dtype=torch.long, device=self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    mel = self._solve(noise_in, code_in)
+                self.graphs[length] = graph, noise_in, code_in, mel
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def solve(self, codes, start: int, end: int):
+        """Mel frames [start, end) from the codes covering them, from this window's slice of the noise."""
+        noise, code = self.noise[:, start:end], codes[:, start // self.per_code:end // self.per_code]
+        if end - start not in self.graphs:
+            return self._solve(noise, code)
+        graph, noise_in, code_in, mel = self.graphs[end - start]
+        noise_in.copy_(noise)
+        code_in.copy_(code)
+        graph.replay()
+        return mel.clone()
+
+    def codes_due(self) -> int:
+        """The codes the next chunk needs (its frames and the block ahead)."""
+        size = self.sizes[min(self.made, len(self.sizes) - 1)]
+        return (self.done + size + self.ahead) // self.per_code
+
+    def add(self, codes, available: int, final: bool) -> list:
+        """Waveform chunks (float32 numpy) for every chunk the `available` codes of codes [1, n] let finish;
+        with `final`, all the rest."""
+        import torch
+        frames, out = available * self.per_code, []
+        while self.done < frames and (final or self.codes_due() <= available):
+            start = self.done
+            end = min(start + self.sizes[min(self.made, len(self.sizes) - 1)], frames)
+            last, first = min(frames, end + self.ahead), max(0, start - self.back)
+            wider = [length for length in self.graphs if last - first <= length <= last]
+            first = last - min(wider) if wider else first   # more context behind: a captured length
+            window = self.solve(codes, first, last)
+            self.mel = torch.cat((self.mel, window[:, :, start - first:end - first]), dim=2)
+            lookahead = window[:, :, end - first:end - first + VOCODER_OVERLAP_FRAMES]
+            lead = min(start, VOCODER_OVERLAP_FRAMES)
+            mel = torch.cat((self.mel[:, :, start - lead:end], lookahead), dim=2)
+            wave = self.vocoder(mel).reshape(-1).float()
+            out.append(wave[lead * SPEECH_HOP:len(wave) - lookahead.shape[2] * SPEECH_HOP].numpy())
+            self.done, self.made = end, self.made + 1
+        return out
+
+
+def token2wav_for(model, speech: Speech, decoder: Decoder) -> Token2WavChunks:
+    """token2wav for this voice, its CUDA graphs captured when the decoder runs on CUDA graphs (said)."""
+    chunks = Token2WavChunks(model.token2wav, model.speaker_map[speech.speaker], seed=0)
+    chunks.speaker = speech.speaker
+    if decoder.kind in ("graph", "compiled"):
+        seconds = chunks.capture()
+        say(f"🔊 token2wav's windows ({', '.join(str(n) for n in chunks.window_lengths())} mel frames) recorded as "
+            f"CUDA graphs in {seconds:.1f} s, so that the first audio does not wait on them")
+    return chunks
+
+
+class SpokenReply:
+    """Qwen2.5-Omni's talker on the tool's decoding engine, fed the thinker's per-token states the way
+    transformers' full generate() feeds it (the prompt's last hidden states and embeddings, media zeroed,
+    then one generated token's hidden state plus embedding per code, then the text's end, then padding),
+    sampling with generate()'s own talker settings on the device; its codes made into speech in chunks as
+    they come. It starts after the thinker's second token and takes one step per text token read
+    (feed()), then runs on alone (finish())."""
+
+    def __init__(self, model, inputs, prompt_rows, speech: Speech, wav: Token2WavChunks, fused: bool,
+                 audio: AudioOut, extra: dict):
+        import torch
+        self.model, self.thinker, self.talker = model, model.thinker, model.talker
+        self.speech, self.voice = speech, model.speaker_map[speech.speaker]
+        self.inputs, self.prompt_rows, self.fused, self.audio, self.extra = inputs, prompt_rows, fused, audio, extra
+        prompt = inputs["input_ids"]
+        self.length, self.device = prompt.shape[-1] + 2, prompt.device   # the prompt, then codec pad and bos
+        self.codes = torch.zeros((1, self.length + speech.max_codes), dtype=torch.long, device=self.device)
+        self.codes[:, :self.length] = self.talker.codec_mask_token
+        self.codes[:, self.length - 2:self.length] = torch.tensor([self.talker.codec_pad_token,
+                                                                     self.talker.codec_bos_token])
+        self.finite = torch.ones_like(self.codes, dtype=torch.bool)
+        defaults = {name.removeprefix("talker_"): parameter.default for name, parameter
+                    in inspect.signature(type(model).generate).parameters.items() if name.startswith("talker_")}
+        settings = {**defaults, "max_new_tokens": speech.max_codes, "min_new_tokens": speech.min_codes,
+                    "pad_token_id": self.talker.codec_pad_token, "suppress_tokens": [self.talker.codec_bos_token]}
+        self.sampler = Sampler(_decoding_settings(self.talker, settings, self.codes[:, :self.length]))
+        embed = self.thinker.get_input_embeddings()
+        self.eos_row, self.pad_row = (embed(torch.tensor([token], device=self.device)) for token in
+                                      (self.talker.text_eos_token, self.talker.text_pad_token))
+        self.steps, self.made, self.read, self.total = None, 0, 0, None   # codes made, read back; the end
+        self.wav_s = 0.0                                                     # seconds in token2wav
+        self.wav = wav
+        wav.begin(speech.max_codes)
+
+    def start(self, first_token: int, row) -> None:
+        """The talker's prompt and its first code, once the thinker has processed its first token."""
+        import torch
+        inputs, rows = self.inputs, self.prompt_rows
+        text_ids = torch.cat((inputs["input_ids"], torch.tensor([[self.voice["bos_token"], first_token]],
+                                                                 device=self.device)), dim=1)
+        embeds = torch.cat((rows, self.thinker.get_input_embeddings()(text_ids[:, -2:-1]), row.view(1, 1, -1)), dim=1)
+        mask = inputs.get("attention_mask")
+        extra = {key: inputs[key] for key in ("image_grid_thw", "video_grid_thw", "video_second_per_grid")
+                 if key in inputs}
+        if "feature_attention_mask" in inputs:
+            extra["audio_feature_lengths"] = inputs["feature_attention_mask"].sum(dim=1)
+        out = self.talker(input_ids=self.codes[:, :self.length], input_text_ids=text_ids, inputs_embeds=embeds,
+                          attention_mask=None if mask is None else torch.cat((mask, mask.new_ones((1, 2))), dim=1),
+                          use_audio_in_video=self.extra.get("use_audio_in_video", False), use_cache=True, **extra)
+        choose_token(self.sampler, self.codes, out.logits[:, -1].float(), self.finite, self.length)
+        cache = cache_of(out)
+        self.reply = torch.zeros_like(row.view(1, -1))
+        talker = self.talker
+        self.steps = FastDecoder(talker, cache, self.length, self.speech.max_codes, self.fused, decoder=talker.model,
+                                 head=talker.codec_head, embed=lambda code: talker.thinker_to_talker_proj(
+                                     talker.model.embed_tokens(code).view(1, -1) + self.reply))
+        if self.fused:
+            self.steps.capture()
+        self.made = 1
+
+    def step(self, row) -> None:
+        """One more code, the talker reading `row` (a text token's state, the text's end, or padding)."""
+        if self.made >= self.speech.max_codes or self.total is not None:
+            return
+        slot = self.length + self.made
+        self.reply.copy_(row.view(1, -1))
+        choose_token(self.sampler, self.codes, self.steps.logits_at(self.codes[:, slot - 1], slot - 1), self.finite,
+                     slot)
+        self.made += 1
+
+    def flush(self, final: bool = False) -> None:
+        """Read the codes made so far when a chunk of speech is due (or at the end), and make it."""
+        wav = self.wav
+        if not final and (self.made < wav.codes_due() or self.total is not None):
+            return
+        if self.total is None:
+            new = self.codes[0, self.length + self.read:self.length + self.made].tolist()
+            if not bool(self.finite[0, self.length + self.read:self.length + self.made].all()):
+                raise NonFiniteLogits()
+            ends = [i for i, code in enumerate(new) if code in self.sampler.end]
+            self.read += len(new)
+            if ends or self.made >= self.speech.max_codes:
+                self.total = self.read - len(new) + ends[0] if ends else self.made
+        available = self.total if self.total is not None else self.read
+        start = time.perf_counter()
+        for samples in wav.add(self.codes[:, self.length:], available, final or self.total is not None):
+            self.audio.add(samples)
+        self.wav_s += time.perf_counter() - start
+
+    def finish(self, text_tokens: int) -> dict:
+        """After the thinker's last token: the text's end, then padding, until the talker ends. Returns the
+        figures: codes, the talker's milliseconds a code (timed here, where it runs alone) and token2wav's seconds."""
+        start, codes, wav_s = time.perf_counter(), self.made, self.wav_s
+        while self.total is None and self.made < self.speech.max_codes:
+            self.step(self.eos_row if self.made == text_tokens - 1 else self.pad_row)
+            self.flush()
+        self.flush(final=True)
+        alone = time.perf_counter() - start - (self.wav_s - wav_s)
+        return {"speech_codes": self.total or 0, "token2wav_s": self.wav_s,
+                "talker_ms_per_code": 1000 * alone / (self.made - codes) if self.made > codes else None}
+
+
+def fast_speech(loaded, inputs, sampling: Sampling, streamer, extra: dict, speech: Speech, audio: AudioOut) -> dict:
+    """The thinker through the fast decoder, keeping each token's state for the talker; the talker stepped
+    once per text token as the text streams, then alone; speech in chunks to `audio`. Returns its figures."""
+    import torch
+    model, decoder = loaded.model, loaded.decoder
+    thinker, prompt = model.thinker, inputs["input_ids"]
+    length, budget = prompt.shape[-1], sampling.max_new_tokens
+    sampler = Sampler(_decoding_settings(thinker, sampling.generate_kwargs(), prompt), decoder.draw_on_cpu)
+    ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
+    ids[:, :length] = prompt
+    finite = torch.ones_like(ids, dtype=torch.bool)
+    streamer.put(prompt.cpu())
+    out = thinker(**inputs, **extra, use_cache=True, output_hidden_states=True)
+    media = torch.isin(prompt, torch.tensor([getattr(thinker.config, name, -1) for name in (
+        "audio_token_index", "image_token_index", "video_token_index")], device=prompt.device))
+    rows = out.hidden_states[-1] + out.hidden_states[0].masked_fill(media[..., None], 0)   # as transformers' talker
+    choose_token(sampler, ids, out.logits[:, -1].float(), finite, length)
+    if not bool(finite[0, length]):
+        raise NonFiniteLogits()
+    first = int(ids[0, length])
+    streamer.put(torch.tensor([first]))
+    if first in sampler.end or budget == 1:
+        raise RunError("the model's answer has no text to speak (it ended at once, or --max_new_tokens is 1); "
+                       "ask again, or raise --max_new_tokens")
+    fused = decoder.kind in ("graph", "compiled")
+    states = torch.zeros((budget, rows.shape[-1]), dtype=rows.dtype, device=prompt.device)
+    steps = FastDecoder(thinker, cache_of(out), length, budget, fused, decoder.kind == "compiled", states=states)
+    if loaded.token2wav is None or loaded.token2wav.speaker != speech.speaker:
+        loaded.token2wav = token2wav_for(model, speech, decoder)
+    reply = SpokenReply(model, inputs, rows, speech, loaded.token2wav, fused, audio, extra)
+    del out
+    if fused:
+        steps.capture()
+    made = 1
+    for made, token in enumerate(decode_tokens(steps.logits_at, sampler, ids, length + 1, length + budget,
+                                               decoder.lag), start=2):
+        streamer.put(torch.tensor([token]))
+        reply.start(first, states[0]) if made == 2 else reply.step(states[made - 2])
+        reply.flush()
+        if token in sampler.end:
+            break
+    streamer.end()
+    return reply.finish(made)
+
+
+# --- 11. an answer: generated, streamed, timed ---------------------------------------------------
 
 def effective_sampling(generation_config, sampling: Sampling) -> dict:
     """What decoding will really do: the flags over the model's own generation_config."""
@@ -2430,6 +2865,8 @@ class Answer:
     token_times: tuple[float, ...]
     start: float                # perf_counter() when generation began
     end: float
+    first_audio_s: float | None = None   # from the start to the first chunk of speech
+    speech_figures: dict = dataclasses.field(default_factory=dict)   # the talker's and token2wav's
 
 
 def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speech: Speech | None = None,
@@ -2438,18 +2875,24 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speec
     once at the end, or not at all (--json); with `speech`, the full Omni model also speaks it.
     Ctrl-C raises Interrupted with the text so far."""
     streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM)
-    model, wav = loaded.model, None
+    model = loaded.model
     extra = {"use_audio_in_video": True} if use_audio_in_video else {}   # Omni interleaves a video's sound
     start = time.perf_counter()
+    audio, figures = AudioOut(speech.play, start) if speech else None, {}
     try:
-        if loaded.decoder.fast:
+        if loaded.decoder.speaks:
+            figures = fast_speech(loaded, inputs, sampling, streamer, extra, speech, audio)
+        elif loaded.decoder.fast:
             fast_generate(model, inputs, sampling, streamer, extra, loaded.decoder)
         elif speech is None:
             model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer,
                            logits_processor=finite_guard())
-        else:
+        else:   # the whole reply at once, at the end
             _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
+            audio.add(wav.reshape(-1).float().cpu().numpy())
     except BaseException as exc:   # out of memory, Ctrl-C: the answer so far keeps its line, then it rises
+        if audio:
+            audio.close(drain=False)
         if streamer.text and not isinstance(exc, OutputClosed):
             stopped = show == SHOW_ONCE and isinstance(exc, (KeyboardInterrupt, Terminated))
             write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n" if stopped else "")
@@ -2461,9 +2904,9 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speec
     end = time.perf_counter()
     if show != SHOW_NONE:
         write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n")
-    if wav is not None:
-        wav = wav.reshape(-1).float().cpu().numpy()
-    return Answer(streamer.text, wav, int(inputs["input_ids"].shape[-1]), tuple(streamer.token_times), start, end)
+    wav = audio.close(drain=True) if audio else None   # with --play, once it has been heard
+    return Answer(streamer.text, wav, int(inputs["input_ids"].shape[-1]), tuple(streamer.token_times), start, end,
+                  audio.first_s if audio else None, figures)
 
 
 def peak_memory(device: str) -> tuple[int | None, str]:
@@ -2508,6 +2951,10 @@ class Stats:
     device_map: dict | None = None       # where the weights went
     dtype: str = ""
     audio_seconds: float | None = None   # length of the spoken reply
+    first_audio_s: float | None = None   # from the start of generation to the first chunk of speech
+    speech_codes: int | None = None      # the talker's codes, 50 a second
+    talker_ms_per_code: float | None = None
+    token2wav_s: float | None = None
 
     @property
     def real_time_factor(self) -> float | None:
@@ -2524,7 +2971,8 @@ def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float) -> Stats:
                            second_token_s=times[1] - times[0])
     if answer.wav is not None:
         figures.update(speech_s=answer.end - (times[-1] if times else answer.start),
-                       audio_seconds=len(answer.wav) / SPEECH_SAMPLE_RATE)
+                       audio_seconds=len(answer.wav) / SPEECH_SAMPLE_RATE, first_audio_s=answer.first_audio_s,
+                       **answer.speech_figures)
     peak, kind = peak_memory(loaded.plan.device)
     return Stats(device=loaded.plan.device, load_s=loaded.load_s, prompt_tokens=answer.prompt_tokens,
                  new_tokens=len(times), peak_memory_bytes=peak, peak_memory_kind=kind, media_decode_s=media_decode_s,
@@ -2538,8 +2986,8 @@ def describe_stats(stats: Stats) -> str:
     speed = f" at {stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_tokens_per_s else ""
     parts.append(f"{stats.new_tokens} new tokens{speed}")
     if stats.audio_seconds is not None:
-        parts.append(f"speech {stats.audio_seconds:.1f} s of audio in {stats.speech_s:.1f} s "
-                     f"(real-time factor {stats.real_time_factor:.2f})")
+        parts.append(f"speech {stats.audio_seconds:.1f} s of audio, the first after {stats.first_audio_s:.2f} s, the "
+                     f"rest {stats.speech_s:.1f} s after the text (real-time factor {stats.real_time_factor:.2f})")
     if stats.media_decode_s:
         parts.append(f"media decoded in {stats.media_decode_s:.2f} s")
     if stats.peak_memory_bytes is not None:
@@ -2556,11 +3004,14 @@ def describe_stages(stats: Stats) -> str:
         parts.append(f"decode {stats.decode_s:.2f} s ({max(stats.new_tokens - 1, 0)} tokens, the first of them "
                      f"after {stats.second_token_s or 0:.2f} s)")
     if stats.speech_s is not None:
-        parts.append(f"speech {stats.speech_s:.2f} s")
+        parts.append(f"first audio {stats.first_audio_s:.2f} s · speech after the text {stats.speech_s:.2f} s")
+    if stats.speech_codes:
+        talker = f", {stats.talker_ms_per_code:.2f} ms a code" if stats.talker_ms_per_code else ""
+        parts.append(f"talker {stats.speech_codes} codes{talker} · token2wav {stats.token2wav_s:.2f} s")
     return "⏱️ " + " · ".join(parts)
 
 
-# --- 11. one turn: inputs, the answer, the spoken reply; the CPU when memory runs out ----------
+# --- 12. one turn: inputs, the answer, the spoken reply; the CPU when memory runs out ----------
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
@@ -2606,11 +3057,16 @@ def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, 
     with torch.inference_mode():
         result = generate_answer(loaded, inputs, wanted, options.show, speech, use_audio_in_video)
     stats = stats_of(result, loaded, media.decode_s)
-    if options.output_audio is None:
+    if not options.speech:
         return Outcome(result.text, stats, sampling)
     if result.wav is None or not len(result.wav):
-        raise RunError("the model answered in text but produced no speech, so no WAV was written; "
-                       "keep the default system prompt, which Qwen2.5-Omni needs to speak")
+        raise RunError("the model answered in text but produced no speech" + (", so no WAV was written" if
+                       options.output_audio else "") + "; keep the default system prompt, which Qwen2.5-Omni needs "
+                       "to speak")
+    if options.play:
+        say(f"🔊 Played {stats.audio_seconds:.1f} s of speech, the first after {stats.first_audio_s:.2f} s")
+    if options.output_audio is None:
+        return Outcome(result.text, stats, sampling)
     write_wav(options.output_audio, result.wav, SPEECH_SAMPLE_RATE)
     say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {options.output_audio}")
     return Outcome(result.text, stats, sampling, options.output_audio)
@@ -2666,7 +3122,7 @@ def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, op
     messages = build_messages(options.prompt or "", options.system_prompt, media, info.kind)
 
     def attempt(attempt_plan: Plan) -> Outcome:
-        loaded = load(info, attempt_plan, hw, options)
+        loaded = load(info, attempt_plan, hw, options, speech)
         try:
             return answer(loaded, options, facts, messages, media, speech)
         finally:
@@ -2675,7 +3131,8 @@ def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, op
 
 
 STATS_RECORDED = ("load_s", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes",
-                  "device", "media_decode_s", "decode_s", "second_token_s", "speech_s", "audio_seconds")
+                  "device", "media_decode_s", "decode_s", "second_token_s", "speech_s", "audio_seconds",
+                  "first_audio_s", "speech_codes", "talker_ms_per_code", "token2wav_s")
 
 
 def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: int | None) -> dict:
@@ -2698,7 +3155,7 @@ def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: in
     }
 
 
-# --- 12. chat --------------------------------------------------------------------------------
+# --- 13. chat --------------------------------------------------------------------------------
 
 CHAT_HELP = ("Commands: /image PATH, /audio PATH, /video PATH (attach to your next message) · /clear (forget the "
              "conversation) · /save FILE (the conversation as JSON) · /stats (the last answer's figures) · /help · "
@@ -2868,7 +3325,7 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
     return EXIT_OK
 
 
-# --- 13. self-test, offline ----------------------------------------------------------------
+# --- 14. self-test, offline ----------------------------------------------------------------
 
 QWEN_CHAT_TEMPLATE = (   # Qwen2.5 Instruct's chat format (without tool calls)
     "{%- for message in messages %}"
@@ -2935,7 +3392,7 @@ def self_test(hw: Hardware, options: Options) -> int:
     return EXIT_OK
 
 
-# --- 14. run -------------------------------------------------------------------------------
+# --- 15. run -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     """The whole job, in the order the data flows."""
@@ -2950,6 +3407,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before anything heavy happens.
     if options.output_audio:
         check_output_audio(options.output_audio)
+    if options.play and not options.dry_run:
+        check_play()
     media = load_media(options)
     info = resolve_model(options.model_id)
     check_modalities(options, info)
@@ -3018,7 +3477,9 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(exc).__name__}: {exc}"
         if is_out_of_memory(exc):
             message = f"out of memory ({message})"
-        return _fail(RunError(message + " (run again with --debug for the traceback)"), EXIT_FAILURE, args.debug)
+        error = RunError(message + " (run again with --debug for the traceback)")
+        error.__cause__ = exc   # --debug shows where it came from
+        return _fail(error, EXIT_FAILURE, args.debug)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,12 +1,15 @@
-"""Time a spoken reply from Qwen2.5-Omni-3B: wall time, real-time factor and time to the first audio.
+"""Time a spoken reply from Qwen2.5-Omni-3B: when the first audio comes, the whole reply's real-time
+factor, the talker's milliseconds a code and token2wav's seconds, beside plain transformers generate().
 
-Random weights from the real config (speed does not depend on the weights' values), built on the
-GPU by tests/tiny_models.py; the speech is forced to a length (the talker's codes, 50 a second,
-min = max), since a random talker never stops on its own. Measured in one process, in turn:
-the tool's own path (load_model, prepare_inputs, generate with a Speech), and plain transformers
-`generate` on the same model with the same inputs. The first run of each is cold.
+Random weights from the real config (speed does not depend on the weights' values), built on the GPU
+by tests/tiny_models.py. The text is forced to --text_tokens (greedy; a random thinker rarely stops)
+and the speech to --seconds (the talker's codes, 50 a second, min = max). Measured in one process, in
+turn: the tool's path (generate_answer with a Speech: thinker and talker interleaved, token2wav in
+chunks) with token2wav's CUDA graphs and without, then plain transformers `generate` on the same model
+and inputs. Then, on the codes the tool made: the chunks against token2wav over the whole reply at
+once (mel and wave, relative L2), and the graphed chunks against the eager ones.
 
-    python bench/bench_speech.py                 (on an NVIDIA GPU; ~3 minutes with the build)
+    python bench/bench_speech.py                 (on an NVIDIA GPU; ~4 minutes with the build)
     python bench/bench_speech.py --seconds 5 --model /tmp/real_size_models/qwen2_5_omni
 """
 
@@ -30,10 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/real_size_models/qwen2_5_omni"))
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the spoken reply to force")
+    parser.add_argument("--text_tokens", type=int, default=64, help="length of the text answer")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--static_talker", action="store_true", help="also try the talker with a static KV cache")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
     import transformers
 
@@ -49,57 +53,92 @@ def main() -> None:
     facts = rm.model_facts(rm.load_config(info, False), info, False)
     hw = rm.detect_hardware()
     codes = round(args.seconds * rm.TALKER_CODES_PER_SECOND)
-    options = rm.Options(output_audio=Path("unused.wav"), sampling=rm.Sampling(64, temperature=0), speech_codes=codes)
+    sampling = rm.Sampling(args.text_tokens, temperature=0)
+    options = rm.Options(output_audio=Path("unused.wav"), sampling=sampling, speech_codes=codes)
     plan = rm.choose_plan(hw, facts, options)
-    print(f"plan: {plan.device} {plan.dtype}, estimate {rm.format_bytes(plan.estimate.total)}")
+    print(f"plan: {plan.device} {plan.dtype}, estimate {rm.format_bytes(plan.estimate.total)}; "
+          f"{args.text_tokens} text tokens, {codes} codes ({args.seconds:.1f} s of speech)")
 
     start = time.perf_counter()
     model, processor = rm.load_model(info, plan, hw)
     loaded = rm.Loaded(model, processor, plan, 0.0, {}, rm.choose_decoder(model, plan.device, options))
-    print(f"load {time.perf_counter() - start:.1f} s")
+    print(f"load {time.perf_counter() - start:.1f} s; decoder {loaded.decoder.kind}")
     media = rm.Media()
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
                                model.device, media)
-    sampling = rm.Sampling(max_new_tokens=64, temperature=0)
     speech = rm.Speech("Chelsie", max_codes=codes, min_codes=codes)
+    made = {}   # the codes token2wav was given, and its chunks, per label
+    add = rm.Token2WavChunks.add
 
-    def tool() -> float:
-        answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, speech)
-        stats, wav = rm.stats_of(answer, loaded, 0.0), answer.wav
-        print(f"    tool: text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s, "
-              f"speech part {stats.speech_s:.2f} s")
-        return len(wav) / rm.SPEECH_SAMPLE_RATE
+    def tool(label: str, graphs: bool) -> None:
+        if graphs:
+            loaded.token2wav = rm.token2wav_for(model, speech, loaded.decoder)   # as load() does: at load time
+        else:
+            loaded.token2wav = rm.Token2WavChunks(model.token2wav, model.speaker_map[speech.speaker], seed=0)
+            loaded.token2wav.speaker = speech.speaker
 
-    def plain() -> float:
-        _, wav = model.generate(**inputs, speaker="Chelsie", thinker_max_new_tokens=64, thinker_do_sample=False,
-                                talker_max_new_tokens=codes, talker_min_new_tokens=codes)
-        return wav.numel() / rm.SPEECH_SAMPLE_RATE
+        def spy_add(self, all_codes, available, final):
+            pieces = add(self, all_codes, available, final)
+            made[label] = (all_codes[0, :available].clone(), made.get(label, (None, []))[1] + pieces)
+            return pieces
+        rm.Token2WavChunks.add = spy_add
+        made.pop(label, None)
+        try:
+            torch.manual_seed(0)
+            answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, speech)
+        finally:
+            rm.Token2WavChunks.add = add
+        stats = rm.stats_of(answer, loaded, 0.0)
+        total, seconds = answer.end - answer.start, len(answer.wav) / rm.SPEECH_SAMPLE_RATE
+        print(f"{label:<22} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
+              f"first audio {answer.first_audio_s:.3f} s from the start, "
+              f"{answer.first_audio_s - stats.ttft_s:.3f} s after the prompt was read (first token "
+              f"{stats.ttft_s:.3f} s); text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s "
+              f"with the talker; talker alone {stats.talker_ms_per_code:.2f} ms a code; token2wav "
+              f"{stats.token2wav_s:.2f} s in all, {len(made[label][1])} chunks")
 
-    def plain_static_talker() -> float:   # a probe: the talker with a static cache (generate compiles it)
-        _, wav = model.generate(**inputs, speaker="Chelsie", thinker_max_new_tokens=64, thinker_do_sample=False,
-                                talker_max_new_tokens=codes, talker_min_new_tokens=codes,
-                                talker_cache_implementation="static")
-        return wav.numel() / rm.SPEECH_SAMPLE_RATE
+    def plain(label: str) -> None:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        _, wav = model.generate(**inputs, speaker="Chelsie", thinker_max_new_tokens=args.text_tokens,
+                                thinker_do_sample=False, talker_max_new_tokens=codes, talker_min_new_tokens=codes)
+        sync()
+        total, seconds = time.perf_counter() - start, wav.numel() / rm.SPEECH_SAMPLE_RATE
+        print(f"{label:<22} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
+              f"first audio at the end: {total:.2f} s")
 
-    runs = [("tool", tool), ("plain generate", plain)]
-    if args.static_talker:
-        runs.append(("static talker", plain_static_talker))
-    for label, run in runs:
+    for label, run in (("tool, token2wav graphs", lambda name: tool(name, True)),
+                       ("tool, token2wav eager", lambda name: tool(name, False)), ("plain generate", plain)):
         for repeat in range(args.repeats):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             sync()
-            start = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    seconds = run()
-            except Exception as exc:   # a probe may fail on this transformers; say how, go on
-                print(f"{label:<15} run {repeat + 1}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-                break
-            sync()
-            wall = time.perf_counter() - start
-            print(f"{label:<15} run {repeat + 1}: {seconds:.2f} s of audio in {wall:.2f} s "
-                  f"(real-time factor {wall / seconds:.2f}; the first audio comes at the end: {wall:.2f} s)")
-    peak = torch.cuda.max_memory_allocated() if cuda else rm.peak_memory("cpu")[0]
-    print(f"peak CUDA memory {rm.format_bytes(peak)} vs the plan's estimate {rm.format_bytes(plan.estimate.total)}")
+            with torch.inference_mode():
+                run(f"{label} #{repeat + 1}")
+            peak = torch.cuda.max_memory_allocated() if cuda else rm.peak_memory("cpu")[0]
+            print(f"{'':<22} peak memory {rm.format_bytes(peak)} "
+                  f"(plan's estimate {rm.format_bytes(plan.estimate.total)})")
+
+    # Exactness, on the codes of the last graphed run
+    label = f"tool, token2wav graphs #{args.repeats}"
+    made_codes, pieces = made[label]
+    eager = np.concatenate(made[f"tool, token2wav eager #{args.repeats}"][1])
+    chunked = np.concatenate(pieces)
+    voice = model.speaker_map["Chelsie"]
+    with torch.inference_mode():
+        whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
+        whole.begin(len(made_codes))
+        mel = whole.solve(made_codes.view(1, -1), 0, 2 * len(made_codes))
+        wave = whole.vocoder(mel).reshape(-1).float().numpy()
+        again = rm.token2wav_for(model, speech, loaded.decoder)
+        again.begin(len(made_codes))
+        again.add(made_codes.view(1, -1), len(made_codes), final=True)
+    same_codes = torch.equal(made_codes, made[f"tool, token2wav eager #{args.repeats}"][0])
+    rel = float(torch.linalg.norm(again.mel - mel) / torch.linalg.norm(mel))
+    print(f"chunks vs whole: mel relative L2 {rel:.2e}; wave relative L2 "
+          f"{np.linalg.norm(chunked - wave) / np.linalg.norm(wave):.2e} (wave RMS {np.sqrt(np.mean(wave ** 2)):.3f}); "
+          f"graphed vs eager chunks: max |difference| {np.abs(chunked - eager).max():.2e} "
+          f"(same codes in both runs: {same_codes})")
 
 
 if __name__ == "__main__":

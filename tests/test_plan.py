@@ -302,7 +302,7 @@ def test_the_plans_to_retry_with_are_fit_checked(real_facts):
     mac_half = rm.choose_plan(old_mac, omni, options)
     assert (mac_half.device, mac_half.dtype) == ("mps", "float16")
     assert rm.retry_plan(old_mac, omni, options, workload, mac_half, overflowed=True).dtype == "float32"
-    with pytest.raises(rm.RunError, match="its logits overflowed"):
+    with pytest.raises(rm.RunError, match="turned NaN or infinite in float32, .* the checkpoint looks damaged"):
         rm.retry_plan(spec("cuda:24"), omni, options, workload, dataclasses.replace(half, dtype="float32"), True)
 
 

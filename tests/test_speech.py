@@ -1,0 +1,161 @@
+"""Section 10, a spoken reply, against transformers' own Qwen2.5-Omni generate() on the tiny random-weight
+checkpoint, float32 on the CPU: the talker's codes are generate()'s, token2wav's ODE over the whole reply
+is transformers' token2wav bit for bit, and the chunks made as the codes come differ from it only by
+float rounding in the mel and by the vocoder's seams in the wave. Then what a user of --play sees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import run_multimodal as rm
+from conftest import GREEDY, SAMPLE_IMAGE, assert_one_line_error, run_tool
+
+PROMPT = "Describe the picture, please"
+TEXT_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def omni(tiny_models):
+    """(loaded, inputs): the whole tiny Omni (thinker, talker, token2wav) in float32 on the CPU, a picture in
+    the prompt, the decoder the tool chooses for a spoken reply there."""
+    info = rm.resolve_model(str(tiny_models["qwen2_5_omni"]))
+    plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker", "talker", "token2wav"))
+    model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
+    options = rm.Options(output_audio=rm.Path("reply.wav"), sampling=rm.Sampling(TEXT_TOKENS, temperature=0))
+    decoder = rm.choose_decoder(model, "cpu", options)
+    assert (decoder.kind, decoder.speaks) == ("step", True)
+    media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
+    messages = rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni")
+    inputs = rm.prepare_inputs(processor, messages, model.device, media)
+    return rm.Loaded(model, processor, plan, 0.0, {}, decoder), inputs
+
+
+def tool_reply(omni, codes: int, seed: int, monkeypatch) -> tuple[rm.Answer, list[int]]:
+    """The tool's spoken reply (greedy text, the talker sampling as generate() does by default) and the
+    codes token2wav was given, seen by wrapping Token2WavChunks.add (which still runs)."""
+    import torch
+    loaded, inputs = omni
+    seen = []
+    add = rm.Token2WavChunks.add
+
+    def spy(self, all_codes, available, final):
+        seen[:] = all_codes[0, :available].tolist()
+        return add(self, all_codes, available, final)
+    monkeypatch.setattr(rm.Token2WavChunks, "add", spy)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        answer = rm.generate_answer(loaded, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE,
+                                    rm.Speech("Chelsie", max_codes=codes, min_codes=codes))
+    return answer, seen
+
+
+def talker_attention_mask(talker, args, kwargs):
+    """The talker's attention mask, as transformers up to 5.17 passed it at every step. Later versions'
+    generate() drops a mask of all ones, and Qwen2.5-Omni's talker reads its positions (the prompt's
+    pictures, rope deltas) and adds its codec pad/bos embeddings only when it gets one: without it, the
+    talker runs on other positions and inputs than the ones it was trained with."""
+    import torch
+    if kwargs.get("attention_mask") is None:
+        cache, new = kwargs.get("cache"), (kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None
+                                           else kwargs["input_ids"]).shape[1]
+        done = cache.get_seq_length() if cache is not None else 0
+        kwargs["attention_mask"] = torch.ones((1, done + new), dtype=torch.long)
+    return args, kwargs
+
+
+def plain_reply(omni, codes: int, seed: int) -> tuple[str, list[int], np.ndarray]:
+    """transformers' generate() with the same settings: its text, the codes its token2wav was given, its wave."""
+    import torch
+    loaded, inputs = omni
+    model, seen = loaded.model, []
+    hook = model.token2wav.register_forward_pre_hook(lambda module, args: seen.extend(args[0][0].tolist()))
+    mask = model.talker.register_forward_pre_hook(talker_attention_mask, with_kwargs=True)
+    # pictures go to the thinker by name: un-prefixed, generate() hands them to the talker too, which rejects them
+    pictures = {f"thinker_{key}" if key == "pixel_values" else key: value for key, value in inputs.items()}
+    torch.manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            text_ids, wav = model.generate(**pictures, speaker="Chelsie", thinker_max_new_tokens=TEXT_TOKENS,
+                                           thinker_do_sample=False, talker_max_new_tokens=codes,
+                                           talker_min_new_tokens=codes)
+    finally:
+        hook.remove()
+        mask.remove()
+    text = loaded.processor.batch_decode(text_ids[:, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)[0]
+    return text, seen, wav.reshape(-1).float().numpy()
+
+
+@pytest.mark.parametrize("seed", [5, 11, 1])
+def test_the_talker_draws_generates_codes(omni, seed, monkeypatch):
+    """100 codes (2 s of speech), sampled with generate()'s talker settings from the same seed."""
+    answer, codes = tool_reply(omni, 100, seed, monkeypatch)
+    text, expected, _ = plain_reply(omni, 100, seed)
+    assert answer.text == text and len(expected) == 100
+    assert codes == expected
+    assert answer.speech_figures["speech_codes"] == 100
+    assert len(answer.wav) == 100 * 2 * rm.SPEECH_HOP   # two mel frames a code, 240 samples a frame
+    assert 0 < answer.first_audio_s < answer.end - answer.start
+
+
+def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypatch):
+    """Our ODE loop (speaker encoding computed once) over all the codes, then the vocoder, is transformers'
+    token2wav with the same noise: its noise is torch.randn from the global generator seeded 0, ours
+    from our own generator seeded 0."""
+    import torch
+    loaded, _ = omni
+    _, codes = tool_reply(omni, 60, 5, monkeypatch)
+    model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
+    code = torch.tensor([codes])
+    with torch.inference_mode():
+        ours = rm.Token2WavChunks(model.token2wav, voice, seed=0)
+        ours.begin(len(codes))
+        mel = ours.solve(code, 0, 2 * len(codes))
+        wave = ours.vocoder(mel).reshape(-1)
+        torch.manual_seed(0)
+        theirs = model.token2wav(code, conditioning=voice["cond"].float().expand(1, -1),
+                                 reference_mel=voice["ref_mel"].float().expand(1, -1, -1))
+    assert torch.equal(wave, theirs.reshape(-1).float())
+
+
+def test_chunks_made_as_the_codes_come_match_the_whole(omni, monkeypatch):
+    """Each chunk's window carries the DiT's whole reach (two blocks back, one ahead), so its mel is the
+    whole solve's up to rounding; the vocoder's seams (20 frames of overlap, trimmed) stay small."""
+    import torch
+    loaded, _ = omni
+    answer, codes = tool_reply(omni, 100, 5, monkeypatch)
+    model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
+    code = torch.tensor([codes])
+    with torch.inference_mode():
+        whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
+        whole.begin(len(codes))
+        mel = whole.solve(code, 0, 2 * len(codes))
+        wave = whole.vocoder(mel).reshape(-1).float().numpy()
+        chunked = rm.Token2WavChunks(model.token2wav, voice, seed=0)
+        chunked.begin(len(codes))
+        pieces = chunked.add(code, 60, final=False) + chunked.add(code, 100, final=True)
+    assert len(pieces) >= 3   # several chunks, not one
+    assert torch.linalg.norm(chunked.mel - mel) <= 1e-5 * torch.linalg.norm(mel)
+    assert np.array_equal(np.concatenate(pieces), answer.wav)   # what the tool made as the codes came
+    assert len(answer.wav) == len(wave)
+    assert np.linalg.norm(answer.wav - wave) <= 1e-3 * np.linalg.norm(wave)
+
+
+def test_the_reply_is_said_as_it_streams(tiny_models, tmp_path):
+    """--verbose shows when the first audio came and the talker's and token2wav's shares; --json records them."""
+    import json
+    result = run_tool("--model_id", tiny_models["qwen2_5_omni"], "--prompt", "Say something", "--output_audio",
+                      tmp_path / "reply.wav", "--max_speech_seconds", "1", "--verbose", "--json", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    stats = record["stats"]
+    assert 0 < stats["first_audio_s"] < stats["ttft_s"] + stats["decode_s"] + stats["speech_s"]
+    assert stats["speech_codes"] == 50 and stats["talker_ms_per_code"] > 0 and stats["token2wav_s"] > 0
+    assert f"first audio {stats['first_audio_s']:.2f} s" in result.stderr and "talker 50 codes" in result.stderr
+
+
+def test_play_without_a_sound_device_says_so_before_loading(tiny_models, tmp_path):
+    """Here: no PortAudio (or no sounddevice, or no output device): one line naming --play and the way out."""
+    result = run_tool("--model_id", tiny_models["qwen2_5_omni"], "--prompt", "Say something", "--play", cwd=tmp_path)
+    assert_one_line_error(result, 1, "--play", "--output_audio reply.wav")
+    assert "Loading" not in result.stderr and list(tmp_path.iterdir()) == []
