@@ -1,4 +1,4 @@
-"""Section 10, an answer: the real script, run as a user runs it, on tiny random-weight checkpoints
+"""Section 11, an answer: the real script, run as a user runs it, on tiny random-weight checkpoints
 saved to disk. Expected answers come from plain transformers on the same checkpoint, so a test fails if
 the tool changes the prompt, the chat template, the media, the decoding or the printing."""
 

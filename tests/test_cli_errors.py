@@ -68,6 +68,17 @@ def workdir(tmp_path, tiny_models):
     shutil.copytree(tiny_models["qwen2"], short)
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    no_talker = tmp_path / "omni_no_talker_config"   # saved with enable_audio_output false
+    shutil.copytree(tiny_models["qwen2_5_omni"], no_talker)
+    config = json.loads((no_talker / "config.json").read_text())
+    (no_talker / "config.json").write_text(json.dumps({**config, "enable_audio_output": False}))
+    thinker_only = tmp_path / "omni_no_talker_weights"   # the config says it speaks; the weights have no talker
+    shutil.copytree(tiny_models["qwen2_5_omni"], thinker_only)
+    from safetensors.torch import load_file, save_file
+    for file in thinker_only.glob("*.safetensors"):
+        weights = load_file(file)
+        save_file({name: w for name, w in weights.items() if not name.startswith("talker.")}, file,
+                  metadata={"format": "pt"})
     for name, config in (("unknown_type", {"model_type": "qwen99_hyper", "architectures": ["X"]}),
                          ("not_generative", {"model_type": "vit"})):
         (tmp_path / name).mkdir()
@@ -155,6 +166,13 @@ CASES += [
     ("output-from-qwen3-omni", ["--model_id", "{qwen3_omni}", "--output_audio", "reply.wav"], 2,
      ["--output_audio: speaking with qwen3_omni_moe models is not supported yet (their text answers are); drop "
       "--output_audio or use Qwen/Qwen2.5-Omni-3B"], True),
+    ("speak-without-talker-in-config", ["--model_id", "{dir}/omni_no_talker_config", "--output_audio", "reply.wav"], 2,
+     ["--output_audio: {dir}/omni_no_talker_config was saved without its talker (enable_audio_output is false in its "
+      "config), so it cannot speak; drop --output_audio, or use a complete checkpoint such as Qwen/Qwen2.5-Omni-3B"],
+     True),
+    ("speak-without-talker-weights", ["--model_id", "{dir}/omni_no_talker_weights", "--output_audio", "reply.wav"], 2,
+     ["--output_audio: {dir}/omni_no_talker_weights was saved without its talker (no talker weights in its files)"],
+     True),
     ("speaker-unknown", ["--output_audio", "reply.wav", "--speaker", "Bob"], 2,
      ["--speaker Bob: not a voice of {omni}; choose one of Chelsie, Ethan"], True),
     ("speaker-without-output", ["--speaker", "Ethan"], 2, ["--speaker is about the spoken reply; add --output_audio "

@@ -1,4 +1,4 @@
-"""Sections 13 and 14: the self-test, and run()/main() as a user meets them: usage errors answer at once
+"""Sections 14 and 15: the self-test, and run()/main() as a user meets them: usage errors answer at once
 (no torch imported), --debug shows the traceback, and Ctrl-C, SIGTERM and a closed stdout end a run
 cleanly with their exit codes, keeping the answer so far."""
 

@@ -24,7 +24,9 @@ def omni(tiny_models):
     model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
     options = rm.Options(output_audio=rm.Path("reply.wav"), sampling=rm.Sampling(TEXT_TOKENS, temperature=0))
     decoder = rm.choose_decoder(model, "cpu", options)
-    assert (decoder.kind, decoder.speaks) == ("step", True)
+    assert (decoder.kind, decoder.speaks) == ("step", True) and "the talker too" in decoder.reason
+    plain = rm.choose_decoder(model, "cpu", rm.Options(output_audio=rm.Path("reply.wav"), fast_decode=False))
+    assert plain.kind == "generate" and "for the text and the spoken reply (--no_fast_decode)" in plain.reason
     media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
     messages = rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni")
     inputs = rm.prepare_inputs(processor, messages, model.device, media)

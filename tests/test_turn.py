@@ -1,4 +1,4 @@
-"""Section 11, one turn: the context window, the record for scripts (--json), and memory running out on
+"""Section 12, one turn: the context window, the record for scripts (--json), and memory running out on
 an accelerator: free it, say so in one line, retry once on the CPU, never loop."""
 
 from __future__ import annotations
