@@ -29,11 +29,13 @@ Code map, in the order run() calls it (sections are marked "# --- N. name ---"):
                         quantization choose_quantization(), memory estimate_memory() and place()
   8  loading .......... load() -> Loaded: load_model(), and the decoder chosen once: choose_decoder()
   9  a token .......... FastDecoder.logits_at() (one step), Sampler (the next token), decode_tokens()
-  10 an answer ........ generate_answer() -> Answer, streamed by a PrintingStreamer
-  11 one turn ......... answer() -> Outcome (stats, WAV written by write_wav()), with_cpu_fallback()
-  12 chat ............. chat(), its commands in CHAT_COMMANDS
-  13 self-test ........ self_test()
-  14 run .............. run(), main() (errors become one line and an exit code)
+  10 a spoken reply ... fast_speech(): SpokenReply (the talker), Token2WavChunks (speech in chunks)
+  11 an answer ........ generate_answer() -> Answer, streamed by a PrintingStreamer
+  12 one turn ......... answer() -> Outcome (stats, WAV written by write_wav()), with_fallbacks()
+  13 a serving engine . --server: server_answer() over the OpenAI protocol (no torch on this path)
+  14 chat ............. chat() / server_chat(), chat_loop(), its commands in CHAT_COMMANDS
+  15 self-test ........ self_test()
+  16 run .............. run(), main() (errors become one line and an exit code)
 """
 
 from __future__ import annotations
@@ -122,6 +124,17 @@ SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Tea
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 HUB_PROBE_TIMEOUT_S = 3.0
+
+# A serving engine (--server): the OpenAI Chat Completions protocol
+SERVER_CONNECT_TIMEOUT_S = 5.0     # nothing listening is said within seconds
+SERVER_READ_TIMEOUT_S = 300.0      # between two pieces of an answer (a first request may load the model)
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+# Flags about this machine, which mean nothing to an engine, and their defaults
+LOCAL_ONLY_FLAGS = {"device": "auto", "dtype": "auto", "quantize": "none", "force_cpu": False, "compile": False,
+                    "no_fast_decode": False, "dry_run": False, "hardware": None, "trust_remote_code": False,
+                    "self_test": False, "fps": DEFAULT_FPS}
+ENGINE_GPU_GB = 80                 # the GPU an engine command is sized for, unless --hardware names one
+ENGINE_MEMORY_SHARE = 0.9          # vLLM's default gpu_memory_utilization
 
 # Decoding
 FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text", "qwen2_5_omni_talker")   # Qwen2's layer
@@ -318,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-stage timings on stderr: load, media decode, encoding and prefill, decode, speech")
     add("--interactive", action="store_true", help="chat: load the model once and answer message after message "
         "(/help inside lists the commands); also when no --prompt is given and stdin is a terminal")
+    add = parser.add_argument_group("a serving engine instead of this machine").add_argument
+    add("--server", metavar="URL", help="send the request to a serving engine over the OpenAI protocol (vLLM, "
+        "SGLang, transformers serve, Ollama, LM Studio): its base URL, such as http://gpu-box:8000/v1; --model_id "
+        "names the served model")
+    add("--api_key_env", metavar="NAME", default=DEFAULT_API_KEY_ENV,
+        help=f"with --server: the environment variable that holds its API key (default: {DEFAULT_API_KEY_ENV})")
     add = parser.add_argument_group("other").add_argument
     add("--trust_remote_code", action="store_true", help="allow a model repository to run its own Python code (off "
                                                          "by default: it runs with your permissions)")
@@ -381,6 +400,8 @@ class Options:
     trust_remote_code: bool = False
     self_test: bool = False
     debug: bool = False
+    server: str | None = None            # --server URL: a serving engine answers instead of this machine
+    api_key_env: str = DEFAULT_API_KEY_ENV
 
     @property
     def speech(self) -> bool:
@@ -418,6 +439,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, caught before anything else happens."""
+    if args.server:
+        check_server_flags(args)
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
     if args.quantize != "none" and (args.force_cpu or args.device == "cpu"):
@@ -435,6 +458,23 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag in ("speaker", "max_speech_seconds"):
         if getattr(args, flag) and not (args.output_audio or args.play):
             raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav or --play")
+
+
+def check_server_flags(args: argparse.Namespace) -> None:
+    """--server: a URL; no flag about this machine; no spoken reply (its audio output is not wired up)."""
+    url = urlparse(args.server)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise UsageError(f"--server {args.server}: not a URL; give the engine's OpenAI base URL, such as "
+                         "http://localhost:8000/v1")
+    given = [f"--{name}" for name, default in LOCAL_ONLY_FLAGS.items() if getattr(args, name) != default]
+    if given:
+        raise UsageError(f"{', '.join(given)} with --server: the engine decides where and how the model runs, "
+                         f"so {'this means' if len(given) == 1 else 'these mean'} nothing there; drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+    for flag in ("output_audio", "play", "speaker", "max_speech_seconds"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} with --server: a spoken reply from a serving engine is not supported (the "
+                             "protocol's audio output is not wired up); drop it, or run Qwen2.5-Omni here")
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
@@ -536,6 +576,7 @@ class Video:
     frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
     fps: float                # frames sampled per second of the clip
     audio: object | None      # its sound track as 16 kHz mono float32, when asked for
+    path: str = ""            # the file, which a serving engine is sent whole
 
     @property
     def size(self) -> tuple[int, int]:
@@ -576,7 +617,7 @@ def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_pat
         raise UsageError(f"{flag} {path}: no frame could be decoded; the file looks truncated")
     if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
         frames.append(frames[-1])
-    return Video(np.stack(frames), fps, audio)
+    return Video(np.stack(frames), fps, audio, path)
 
 
 @dataclasses.dataclass
@@ -1007,6 +1048,7 @@ class ModelFacts:
     prequantized: Prequantized | None = None
     vision: VisionFacts | None = None
     context_window: int | None = None   # the language model's max_position_embeddings
+    attention_heads: int = 0            # the language model's (an engine splits them over its GPUs)
     meta_model: object = dataclasses.field(default=None, compare=False, repr=False)   # for accelerate's placement
 
     @property
@@ -1065,8 +1107,9 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
         prequantized=info.prequantized, context_window=getattr(text, "max_position_embeddings", None),
+        attention_heads=text.num_attention_heads, meta_model=model,
         vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
-        if vision is not None else None, meta_model=model)
+        if vision is not None else None)
 
 
 def _model_class(info: ModelInfo, thinker_only: bool):
@@ -2937,7 +2980,7 @@ def peak_memory(device: str) -> tuple[int | None, str]:
 class Stats:
     """The figures of one answer, for the stats line, --verbose and --json."""
     device: str
-    load_s: float = 0.0
+    load_s: float | None = 0.0           # None: nothing was loaded here (--server)
     prompt_tokens: int = 0
     new_tokens: int = 0
     ttft_s: float | None = None
@@ -2980,7 +3023,7 @@ def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float) -> Stats:
 
 
 def describe_stats(stats: Stats) -> str:
-    parts = [f"load {stats.load_s:.1f} s", f"prompt {stats.prompt_tokens} tokens"]
+    parts = ([] if stats.load_s is None else [f"load {stats.load_s:.1f} s"]) + [f"prompt {stats.prompt_tokens} tokens"]
     if stats.ttft_s is not None:
         parts.append(f"first token {stats.ttft_s:.2f} s")
     speed = f" at {stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_tokens_per_s else ""
@@ -2997,7 +3040,8 @@ def describe_stats(stats: Stats) -> str:
 
 def describe_stages(stats: Stats) -> str:
     """--verbose: where the time went, stage by stage."""
-    parts = [f"load {stats.load_s:.2f} s", f"media decode {stats.media_decode_s:.2f} s"]
+    parts = ([] if stats.load_s is None else [f"load {stats.load_s:.2f} s"]) + \
+        [f"media decode {stats.media_decode_s:.2f} s"]
     if stats.ttft_s is not None:
         parts.append(f"encoding and prefill {stats.ttft_s:.2f} s")
     if stats.decode_s is not None:
@@ -3155,7 +3199,221 @@ def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: in
     }
 
 
-# --- 13. chat --------------------------------------------------------------------------------
+# --- 13. a serving engine: the same command over the OpenAI protocol (--server) -------------
+# This path imports neither torch nor transformers: it starts at once, on a machine without them.
+
+def server_client(options: Options):
+    """An OpenAI client for the engine: no retries (an error is said at once), a short connect timeout."""
+    openai = _require("openai", "openai", "--server")
+    key = os.environ.get(options.api_key_env) or "none"   # local engines take any key; the client wants one
+    return openai.OpenAI(base_url=options.server, api_key=key, max_retries=0,
+                         timeout=openai.Timeout(SERVER_READ_TIMEOUT_S, connect=SERVER_CONNECT_TIMEOUT_S))
+
+
+def _data_url(mime: str, data: bytes) -> str:
+    import base64
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_part(image, max_pixels: int) -> dict:
+    """A picture as a JPEG data URL, scaled to --max_pixels first (the engine sees what the tool would)."""
+    import io
+    width, height = image.size
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        image = image.resize((max(1, int(width * scale)), max(1, int(height * scale))))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return {"type": "image_url", "image_url": {"url": _data_url("image/jpeg", buffer.getvalue())}}
+
+
+def audio_part(samples) -> dict:
+    """A recording (16 kHz mono, as decoded) as the protocol's input_audio: a base64 WAV."""
+    import base64
+    import io
+    import soundfile
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, AUDIO_SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                                                   "format": "wav"}}
+
+
+def video_part(video: Video) -> dict:
+    """A video file whole, as a data URL in vLLM's and SGLang's video_url part."""
+    import mimetypes
+    mime = mimetypes.guess_type(video.path)[0] or "video/mp4"
+    return {"type": "video_url", "video_url": {"url": _data_url(mime, Path(video.path).read_bytes())}}
+
+
+def protocol_messages(messages: list[dict], max_pixels: int) -> list[dict]:
+    """The conversation in the protocol's form: text, then pictures, recordings and videos as content parts;
+    a message of text alone as a plain string (engines without multimodal support take that)."""
+    converted = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = [{"type": "text", "text": item["text"]} if item["type"] == "text" else
+                     image_part(item["image"], max_pixels) if item["type"] == "image" else
+                     audio_part(item["audio"]) if item["type"] == "audio" else video_part(item["clip"])
+                     for item in content]
+            content = parts[0]["text"] if len(parts) == 1 and parts[0]["type"] == "text" else parts
+        converted.append({"role": message["role"], "content": content})
+    return converted
+
+
+def server_request(options: Options, messages: list[dict]) -> tuple[dict, dict]:
+    """The request, and what goes beyond the protocol (top-k and audio-in-video: vLLM's and SGLang's
+    documented extensions; other engines ignore them)."""
+    sampling = options.sampling
+    request = {"model": options.model_id, "messages": protocol_messages(messages, options.max_pixels),
+               "max_tokens": sampling.max_new_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    for name, value in (("temperature", sampling.temperature), ("top_p", sampling.top_p), ("seed", options.seed)):
+        if value is not None:
+            request[name] = value
+    extra = {"top_k": sampling.top_k} if sampling.top_k is not None else {}
+    if options.use_audio_in_video:
+        extra["mm_processor_kwargs"] = {"use_audio_in_video": True}
+    return request, extra
+
+
+def served_models(client) -> list[str] | None:
+    """The models the engine offers (/v1/models), or None if it will not say."""
+    try:   # retried: an engine may close the connection its error came on, which the client would reuse
+        return [model.id for model in client.with_options(max_retries=2).models.list()]
+    except Exception:   # the engine's listing is a courtesy: any failure means "unknown"
+        return None
+
+
+def server_error(exc: Exception, client, options: Options, partial: bool) -> Exception:
+    """An engine's failure as one line: what happened, at which URL, what to do. Others pass unchanged."""
+    import openai
+    where = f"--server {options.server}"
+    transport = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")   # the client's own
+    if partial and (transport or isinstance(exc, openai.APIConnectionError)):
+        return RunError(f"{where}: the connection broke mid-answer ({exc.__cause__ or exc}); the answer above is "
+                        "incomplete")
+    if isinstance(exc, openai.APITimeoutError):
+        return RunError(f"{where}: no answer within {SERVER_READ_TIMEOUT_S:.0f} s; the engine may be busy or "
+                        "still loading the model; try again")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return RunError(f"{where}: cannot connect ({cause}); check the address and that the engine is running")
+    if not isinstance(exc, openai.APIStatusError):
+        return exc
+    body = exc.body
+    if not isinstance(body, dict):   # a streamed request's error body comes unparsed
+        try:
+            body = json.loads(exc.response.text)
+        except ValueError:
+            body = {}
+    body = body if isinstance(body, dict) else {}
+    error = body.get("error")
+    message = str((error.get("message") if isinstance(error, dict) else error) or body.get("message")
+                  or body.get("detail") or exc.response.text.strip()[:300] or exc.message).strip()
+    code = exc.status_code
+    if code == 401:
+        unset = "" if os.environ.get(options.api_key_env) else " (it is not set)"
+        return RunError(f"{where}: the engine refused the API key (401); put a key it accepts in "
+                        f"{options.api_key_env}{unset}, or name another variable with --api_key_env")
+    if code in (400, 404, 422, 500):   # an engine that loads models on demand fails (500) on one it cannot find
+        offered = served_models(client)
+        if offered is not None and options.model_id not in offered:
+            return UsageError(f"--model_id {options.model_id}: {options.server} does not serve it ({code}: "
+                              f"{message}); it serves: " + (", ".join(offered) or "nothing yet"))
+    if code == 404:
+        return RunError(f"{where}: not found (404: {message}); an OpenAI base URL usually ends in /v1")
+    what = "the engine failed" if code >= 500 else "the engine refused the request"
+    return RunError(f"{where}: {what} ({code}): {message}")
+
+
+def server_answer(client, options: Options, messages: list[dict], show: str) -> Outcome:
+    """One answer from the engine, streamed as it comes (server-sent events), timed from here: the time
+    to the first token, and the tokens a second from the engine's own count (its usage) when it gives it."""
+    request, extra = server_request(options, messages)
+    parts, times, usage, served = [], [], None, None
+    start = time.perf_counter()
+    try:
+        for chunk in client.chat.completions.create(**request, extra_body=extra or None):
+            served, usage = chunk.model or served, chunk.usage or usage
+            for choice in chunk.choices:
+                if choice.delta and choice.delta.content:
+                    times.append(time.perf_counter())
+                    parts.append(choice.delta.content)
+                    if show == SHOW_STREAM:
+                        write_stdout(choice.delta.content)
+    except BaseException as exc:   # the answer so far keeps its line; the error is said after it
+        text = "".join(parts)
+        if text and not isinstance(exc, OutputClosed):
+            write_stdout("\n" if show == SHOW_STREAM else text + "\n" if show == SHOW_ONCE else "")
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+            raise Interrupted(text) from exc
+        if isinstance(exc, Exception):
+            raise server_error(exc, client, options, bool(parts)) from exc
+        raise
+    text = "".join(parts)
+    if show != SHOW_NONE:
+        write_stdout("\n" if show == SHOW_STREAM else text + "\n")
+    new = usage.completion_tokens if usage else len(parts)   # without usage, a streamed piece is about a token
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    stats = Stats(device=options.server, load_s=None, prompt_tokens=usage.prompt_tokens if usage else 0,
+                  new_tokens=new, ttft_s=times[0] - start if times else None, decode_s=span or None,
+                  decode_tokens_per_s=(new - 1) / span if span else None)
+    sampling = {key: request[key] for key in ("max_tokens", "temperature", "top_p", "seed") if key in request}
+    return Outcome(text, stats, {**sampling, **extra, "served_model": served})
+
+
+def server_record(options: Options, outcome: Outcome) -> dict:
+    """--json with --server: the answer, the figures, and what it takes to ask again (never the key)."""
+    import openai
+    stats = outcome.stats
+    return {"text": outcome.text, "audio_path": None, "plan": None,
+            "stats": {name: getattr(stats, name) for name in STATS_RECORDED},
+            "reproducibility": {"server": options.server, "model_id": options.model_id,
+                                "served_model": outcome.sampling.get("served_model"), "seed": options.seed,
+                                "sampling": {k: v for k, v in outcome.sampling.items() if k != "served_model"},
+                                "versions": {"python": platform.python_version(), "openai": openai.__version__}}}
+
+
+def server_info(options: Options) -> ModelInfo:
+    """The served model as the chat sees it: any input may go; the engine says what it refuses."""
+    return ModelInfo(options.model_id, "", "multimodal", frozenset({"text", "image", "audio", "video"}))
+
+
+def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: Workload) -> list[str]:
+    """For a model too big for this machine (or a --hardware GPU server): the vLLM command that would serve
+    it, sized from its bfloat16 weights and this request's cache over the GPUs described (ENGINE_GPU_GB
+    each if none), and the --server command that reaches it."""
+    estimate = estimate_memory(facts, loading_components(facts, False), "bfloat16", None, options, workload)
+    need = estimate.total
+    gpu = min(device.total_bytes for device in hw.cuda) if hw.cuda else ENGINE_GPU_GB * GB
+    usable = gpu * ENGINE_MEMORY_SHARE * 0.8   # and a fifth of that for the engine's own cache and activations
+    splits = [n for n in (1, 2, 4, 8) if not facts.attention_heads or facts.attention_heads % n == 0]
+    tensor = next((n for n in splits if need / n <= usable), splits[-1])
+    stages = math.ceil(need / (tensor * usable))
+    length = min(facts.context_window or 32768, max(4096, math.ceil(estimate.context_tokens / 1024) * 1024))
+    command = f"vllm serve {facts.model_id} --tensor-parallel-size {tensor}" + (
+        f" --pipeline-parallel-size {stages}" if stages > 1 else "") + f" --max-model-len {length}"
+    where = f"{tensor * stages} GPU{'s' if tensor * stages > 1 else ''} of {format_bytes(gpu)}" + (
+        f" on {stages} machines (Ray)" if stages > 1 else "")
+    return [f"🚀 A GPU server can serve it ({format_bytes(need)} in bfloat16; {where}): {command}",
+            f"   (SGLang: python -m sglang.launch_server --model-path {facts.model_id} --tp {tensor}); then, "
+            f"from here: python run_multimodal.py --server http://SERVER:8000/v1 --model_id {facts.model_id} "
+            "--prompt \"...\""]
+
+
+def serve_once(options: Options, media: Media) -> int:
+    """--server with one --prompt: the request, the answer, the stats line (and --json)."""
+    client = server_client(options)
+    say(f"🌐 Asking {options.model_id} at {options.server} (the OpenAI protocol; nothing is loaded here)")
+    messages = build_messages(options.prompt or "", options.system_prompt, media, "multimodal")
+    outcome = server_answer(client, options, messages, options.show)
+    say(describe_stats(outcome.stats))
+    if options.json:
+        write_stdout(json.dumps(server_record(options, outcome), indent=2, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+# --- 14. chat --------------------------------------------------------------------------------
 
 CHAT_HELP = ("Commands: /image PATH, /audio PATH, /video PATH (attach to your next message) · /clear (forget the "
              "conversation) · /save FILE (the conversation as JSON) · /stats (the last answer's figures) · /help · "
@@ -3286,8 +3544,7 @@ def _chat_turn(conversation: Conversation, run_turn) -> None:
 
 
 def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
-    """--interactive: load once, then answer message after message, keeping the history.
-    From a terminal it prompts; from a pipe it reads one message per line."""
+    """--interactive: load once, then answer message after message, keeping the history."""
     workload = workload_of(options, media)
     current = [with_fallbacks(lambda p: load(info, p, hw, options), plan, hw, facts, options, workload)]
     conversation = Conversation(info, options)
@@ -3298,6 +3555,23 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
             current[0] = load(info, turn_plan, hw, options)
         return answer(current[0], options, facts, conversation.messages, conversation.media())
 
+    return chat_loop(conversation, media, lambda: with_fallbacks(
+        attempt, current[0].plan if current[0] else plan, hw, facts, options, workload))
+
+
+def server_chat(options: Options, media: Media) -> int:
+    """--interactive with --server: the whole history goes with each request."""
+    client = server_client(options)
+    say(f"🌐 Chatting with {options.model_id} at {options.server} (the OpenAI protocol; nothing is loaded here)")
+    conversation = Conversation(server_info(options), options)
+    return chat_loop(conversation, media, lambda: server_answer(client, options, conversation.messages,
+                                                                options.show))
+
+
+def chat_loop(conversation: Conversation, media: Media, run_turn) -> int:
+    """Message after message, each answered by run_turn(); commands from CHAT_COMMANDS. From a terminal
+    it prompts; from a pipe it reads one message per line. The flags' media go with the first message."""
+    options = conversation.options
     conversation.pending = media
     conversation.pending_paths = [*options.image_paths, *options.audio_paths, *options.video_paths]
     terminal = sys.stdin.isatty()
@@ -3309,8 +3583,7 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
             continue
         if not line.startswith("/"):
             conversation.ask(line)
-            _chat_turn(conversation, lambda: with_fallbacks(attempt, current[0].plan if current[0] else plan, hw,
-                                                                  facts, options, workload))
+            _chat_turn(conversation, run_turn)
             continue
         command, _, rest = line.partition(" ")
         if command in CHAT_COMMANDS and CHAT_COMMANDS[command] is None:
@@ -3325,7 +3598,7 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
     return EXIT_OK
 
 
-# --- 14. self-test, offline ----------------------------------------------------------------
+# --- 15. self-test, offline ----------------------------------------------------------------
 
 QWEN_CHAT_TEMPLATE = (   # Qwen2.5 Instruct's chat format (without tool calls)
     "{%- for message in messages %}"
@@ -3392,7 +3665,7 @@ def self_test(hw: Hardware, options: Options) -> int:
     return EXIT_OK
 
 
-# --- 15. run -------------------------------------------------------------------------------
+# --- 16. run -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     """The whole job, in the order the data flows."""
@@ -3403,6 +3676,9 @@ def run(args: argparse.Namespace) -> int:
         for line in describe_hardware(hw):
             say(line)
         return self_test(hw, options)
+    if options.server:   # a serving engine answers: nothing about this machine matters
+        media = load_media(options)
+        return server_chat(options, media) if options.interactive else serve_once(options, media)
 
     # Everything the user typed is checked before anything heavy happens.
     if options.output_audio:
@@ -3429,13 +3705,7 @@ def run(args: argparse.Namespace) -> int:
     for line in plan.reasons:
         say(line)
     if options.dry_run:
-        for line in describe_plan(plan):
-            say(line)
-        if options.json:
-            write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
-        say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
-            "✅ Dry run: no weights were loaded; a real run would follow this plan")
-        return EXIT_OK if plan.fits else EXIT_FAILURE
+        return dry_run(facts, plan, hw, options, media)
     if not plan.fits:
         raise RunError(does_not_fit_message(facts, plan, hw))
 
@@ -3452,6 +3722,21 @@ def run(args: argparse.Namespace) -> int:
         write_stdout(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, options.seed),
                                 indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
+
+
+def dry_run(facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
+    """--dry_run: the plan, whether it fits, and for a model too big here (or a --hardware GPU server) the
+    serving engine's command."""
+    for line in describe_plan(plan):
+        say(line)
+    if options.json:
+        write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
+    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
+        "✅ Dry run: no weights were loaded; a real run would follow this plan")
+    if not plan.fits or (hw.simulated and hw.cuda):
+        for line in engine_command(facts, hw, options, workload_of(options, media)):
+            say(line)
+    return EXIT_OK if plan.fits else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Section 13, the chat (--interactive), scripted through a pipe and at a pseudo-terminal; answers
+"""Section 14, the chat (--interactive), scripted through a pipe and at a pseudo-terminal; answers
 checked against plain transformers turn after turn."""
 
 from __future__ import annotations

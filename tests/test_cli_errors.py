@@ -177,6 +177,15 @@ CASES += [
      ["--speaker Bob: not a voice of {omni}; choose one of Chelsie, Ethan"], True),
     ("speaker-without-output", ["--speaker", "Ethan"], 2, ["--speaker is about the spoken reply; add --output_audio "
                                                            "reply.wav"], True),
+    ("server-not-a-url", ["--server", "gpu-box:8000"], 2,
+     ["--server gpu-box:8000: not a URL; give the engine's OpenAI base URL, such as http://localhost:8000/v1"], True),
+    ("server-and-local-flags", ["--server", "http://localhost:8000/v1", "--device", "cuda", "--quantize", "4bit"], 2,
+     ["--device, --quantize with --server: the engine decides where and how the model runs, so these mean nothing "
+      "there; drop them"], True),
+    ("server-and-dry-run", ["--server", "http://localhost:8000/v1", "--dry_run"], 2,
+     ["--dry_run with --server: the engine decides where and how the model runs, so this means nothing there"], True),
+    ("server-and-speech", ["--server", "http://localhost:8000/v1", "--output_audio", "reply.wav"], 2,
+     ["--output_audio with --server: a spoken reply from a serving engine is not supported"], True),
     ("force-cpu-and-cuda", ["--force_cpu", "--device", "cuda"], 2, ["--force_cpu conflicts with --device cuda"], True),
     ("quantize-on-the-cpu", ["--quantize", "8bit", "--force_cpu"], 2,
      ["--quantize 8bit conflicts with --force_cpu: quantization runs on NVIDIA GPUs (bitsandbytes) and on Apple "

@@ -1,4 +1,4 @@
-"""Sections 14 and 15: the self-test, and run()/main() as a user meets them: usage errors answer at once
+"""Sections 15 and 16: the self-test, and run()/main() as a user meets them: usage errors answer at once
 (no torch imported), --debug shows the traceback, and Ctrl-C, SIGTERM and a closed stdout end a run
 cleanly with their exit codes, keeping the answer so far."""
 
