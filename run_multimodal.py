@@ -3383,7 +3383,9 @@ def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: 
     """For a model too big for this machine (or a --hardware GPU server): the vLLM command that would serve
     it, sized from its bfloat16 weights and this request's cache over the GPUs described (ENGINE_GPU_GB
     each if none), and the --server command that reaches it."""
-    estimate = estimate_memory(facts, loading_components(facts, False), "bfloat16", None, options, workload)
+    pre = facts.prequantized   # an engine serves a checkpoint saved quantized as it is
+    estimate = estimate_memory(facts, loading_components(facts, False), "bfloat16", f"{pre.bits}bit" if pre else None,
+                               options, workload, pre.method if pre else "bitsandbytes")
     need = estimate.total
     gpu = min(device.total_bytes for device in hw.cuda) if hw.cuda else ENGINE_GPU_GB * GB
     usable = gpu * ENGINE_MEMORY_SHARE * 0.8   # and a fifth of that for the engine's own cache and activations
@@ -3395,7 +3397,8 @@ def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: 
         f" --pipeline-parallel-size {stages}" if stages > 1 else "") + f" --max-model-len {length}"
     where = f"{tensor * stages} GPU{'s' if tensor * stages > 1 else ''} of {format_bytes(gpu)}" + (
         f" on {stages} machines (Ray)" if stages > 1 else "")
-    return [f"🚀 A GPU server can serve it ({format_bytes(need)} in bfloat16; {where}): {command}",
+    precision = pre.label if pre else "bfloat16"
+    return [f"🚀 A GPU server can serve it ({format_bytes(need)} in {precision}; {where}): {command}",
             f"   (SGLang: python -m sglang.launch_server --model-path {facts.model_id} --tp {tensor}); then, "
             f"from here: python run_multimodal.py --server http://SERVER:8000/v1 --model_id {facts.model_id} "
             "--prompt \"...\""]
@@ -3725,17 +3728,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def dry_run(facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
-    """--dry_run: the plan, whether it fits, and for a model too big here (or a --hardware GPU server) the
-    serving engine's command."""
+    """--dry_run: the plan; for a model too big here (or a --hardware GPU server) the serving engine's
+    command; last, whether a real run would go ahead."""
     for line in describe_plan(plan):
         say(line)
     if options.json:
         write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
-    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
-        "✅ Dry run: no weights were loaded; a real run would follow this plan")
     if not plan.fits or (hw.simulated and hw.cuda):
         for line in engine_command(facts, hw, options, workload_of(options, media)):
             say(line)
+    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
+        "✅ Dry run: no weights were loaded; a real run would follow this plan")
     return EXIT_OK if plan.fits else EXIT_FAILURE
 
 
