@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -112,10 +113,11 @@ SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works different
 # Speech in chunks: token2wav's DiT attends within blocks of 24 mel frames (2 per code), one block ahead
 # and two back across its layers; its vocoder makes SPEECH_HOP samples of each mel frame
 SPEECH_CONTEXT_BACK_BLOCKS, SPEECH_CONTEXT_AHEAD_BLOCKS = 2, 1
-# The chunks' sizes in blocks: a short first one (0.48 s of speech) comes soon; each next one is made
-# while the one before plays; from the third on, longer chunks (1.92 s) cost less a second of speech
-SPEECH_CHUNK_SCHEDULE = (2, 3, 8)
+# The chunks' sizes in blocks: a short first one (0.24 s of speech, 24 codes) comes soon; each next one
+# is made while the one before plays; from the fourth on, longer chunks (1.92 s) cost less a second of speech
+SPEECH_CHUNK_SCHEDULE = (1, 2, 4, 8)
 VOCODER_OVERLAP_FRAMES = 20     # mel frames run on either side of a chunk, their samples trimmed
+VOCODER_FLOOR_DB = -115         # the vocoder's decibel floor (transformers' Qwen2.5-Omni BigVGAN forward)
 SPEECH_HOP = 240
 SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                         "perceiving auditory and visual inputs, as well as generating text and speech.")
@@ -2535,7 +2537,10 @@ class Token2WavChunks:
     schedule needs (captured by capture(), at load time; a window is widened backwards to a captured
     length, which only adds context), and the DiT's float32 matrix products use TF32 (as its
     convolutions, and the vocoder's, already do by PyTorch's default): the mel moves by about 2e-4 of
-    its size (bench/profile_token2wav.py)."""
+    its size (bench/profile_token2wav.py). On CUDA a chunk runs on a stream of its own, at a higher
+    priority than the decoders', so that the talker goes on making codes while the GPU makes the speech
+    of the ones before; nothing there may hold the host (no copy to it but into page-locked memory, no
+    allocation), and finished chunks are collected by ready() without waiting."""
 
     def __init__(self, token2wav, voice: dict, seed: int):
         import torch
@@ -2559,17 +2564,32 @@ class Token2WavChunks:
             encoded = self.dit.input_embed.spk_encoder(torch.cat((self.reference, torch.zeros_like(self.reference))))
         self.encoder = torch.nn.Module()
         self.encoder.forward = lambda _reference: encoded
+        # the vocoder's floor on the mel's amplitude, as its own amplitude_to_db makes it (there, each call)
+        self.floor = torch.exp(torch.tensor(VOCODER_FLOOR_DB / 20 * math.log(10), device=self.device))
         self.graphs = {}   # window length -> (graph, noise in, codes in, mel out)
+        self.vocoder_graphs = {}   # mel length -> (graph, mel in, wave out)
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self.pending = collections.deque()   # chunks made or on their way: (start, end events, samples)
+        self.seconds = 0.0                   # spent making speech: on the GPU's clock on CUDA
+        self.host = None                     # page-locked memory the chunks are copied into, on CUDA
         self.begin(0)
 
     def begin(self, max_codes: int) -> None:
         """A new reply of at most `max_codes` codes: its noise, drawn from this object's own generator
         (the talker's draws stay transformers'), and no mel yet."""
         import torch
+        self.ready(wait=True)   # what an interrupted reply left on its way
         generator = torch.Generator(self.device).manual_seed(self.seed)
         self.noise = torch.randn((1, max_codes * self.per_code, self.dit.mel_dim), generator=generator,
                                  device=self.device, dtype=torch.float32)
-        self.mel, self.done, self.made = torch.zeros((1, self.dit.mel_dim, 0), device=self.device), 0, 0
+        self.frames = torch.zeros((1, self.dit.mel_dim, max_codes * self.per_code), device=self.device)
+        self.done = self.made = 0
+        self.pending.clear()
+        self.seconds = 0.0
+        samples = max_codes * self.per_code * SPEECH_HOP
+        if self.stream is not None and (self.host is None or len(self.host) < samples):
+            # allocated here, before the reply: allocating page-locked memory waits for the whole GPU
+            self.host = torch.empty(samples, dtype=torch.float32, pin_memory=True)
 
     def _solve(self, state, code):
         """The ODE from `state` [1, frames, mel_dim] for `code`: RK4 over self.times with classifier-free
@@ -2596,6 +2616,21 @@ class Token2WavChunks:
             embed.spk_encoder, matmul.allow_tf32 = encoder, tf32
         return state.permute(0, 2, 1)
 
+    def vocode(self, mel):
+        """The vocoder's waveform [samples] for mel [1, mel_dim, frames], left on the device: the vocoder's
+        forward from its own modules, which would copy it to the host (waiting for the GPU) and make a tensor
+        from a number on each call (waiting again); equal to it (tests/test_speech.py)."""
+        import torch
+        vocoder = self.vocoder
+        decibels = 20 * torch.log10(torch.clamp(torch.exp(mel), min=self.floor)) - 20
+        hidden = vocoder.conv_pre(vocoder.normalize_spectrogram(decibels, 1, VOCODER_FLOOR_DB))
+        per_layer = vocoder.num_residual_blocks
+        for layer in range(vocoder.num_upsample_layers):
+            hidden = vocoder.ups[layer][0](hidden)
+            hidden = sum(block(hidden) for block in vocoder.resblocks[layer * per_layer:(layer + 1) * per_layer])
+            hidden = hidden / per_layer
+        return torch.clamp(vocoder.conv_post(vocoder.activation_post(hidden)), min=-1.0, max=1.0).reshape(-1)
+
     def window_lengths(self) -> list[int]:
         """The windows the schedule solves before it settles: the lengths worth a CUDA graph."""
         lengths, done = [], 0
@@ -2604,31 +2639,62 @@ class Token2WavChunks:
             done += size
         return sorted(set(lengths))
 
+    def vocoder_lengths(self) -> list[int]:
+        """The mel lengths the vocoder runs over before the schedule settles (a chunk with its overlaps,
+        all but the last chunk of a reply): the lengths worth a CUDA graph."""
+        lengths, done = [], 0
+        for size in self.sizes + self.sizes[-1:]:
+            lengths.append(min(done, VOCODER_OVERLAP_FRAMES) + size + min(self.ahead, VOCODER_OVERLAP_FRAMES))
+            done += size
+        return sorted(set(lengths))
+
     def capture(self) -> float:
-        """Record the solve over each window length as a CUDA graph (one warm-up run first: cuBLAS's
-        workspace, the attention kernels chosen), the graphs sharing one memory pool. Returns seconds."""
+        """Record the solve over each window length, and the vocoder over each chunk's mel length, as CUDA
+        graphs (warm-up runs first: cuBLAS's workspace, the attention and convolution kernels chosen and
+        loaded), the graphs sharing one memory pool. Returns seconds. Besides the time saved, a replayed
+        vocoder leaves the host free: run op by op, it held the host until the GPU had finished the chunk's
+        solve (seen on an H200, cause not found), which stopped the talker meanwhile."""
         import torch
-        start, lengths = time.perf_counter(), self.window_lengths()
+        start, mel_dim = time.perf_counter(), self.dit.mel_dim
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad():
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        with torch.no_grad():   # captured on a stream of their own: cuBLAS's workspace is per stream, and
+            # these graphs run beside the decoders' (captured on torch.cuda.graph's default stream)
             with torch.cuda.stream(stream):
-                self._solve(torch.zeros((1, lengths[0], self.dit.mel_dim), device=self.device),
-                            torch.zeros((1, lengths[0] // self.per_code), dtype=torch.long, device=self.device))
+                length = self.window_lengths()[0]
+                self._solve(zeros(1, length, mel_dim), zeros(1, length // self.per_code, dtype=torch.long))
+                for length in self.vocoder_lengths():
+                    self.vocode(zeros(1, mel_dim, length))
             torch.cuda.current_stream().wait_stream(stream)
-            for length in lengths:
-                noise_in = torch.zeros((1, length, self.dit.mel_dim), device=self.device)
-                code_in = torch.zeros((1, length // self.per_code), dtype=torch.long, device=self.device)
+            for length in self.window_lengths():
+                noise_in, code_in = zeros(1, length, mel_dim), zeros(1, length // self.per_code, dtype=torch.long)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
                     mel = self._solve(noise_in, code_in)
                 self.graphs[length] = graph, noise_in, code_in, mel
+            for length in self.vocoder_lengths():
+                mel_in, graph = zeros(1, mel_dim, length), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    wave = self.vocode(mel_in)
+                self.vocoder_graphs[length] = graph, mel_in, wave
+            with torch.cuda.stream(self.stream):   # a graph's first replay uploads it, holding the host meanwhile
+                for graph, *_ in (*self.graphs.values(), *self.vocoder_graphs.values()):
+                    graph.replay()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    @property
+    def mel(self):
+        """The mel frames made so far [1, mel_dim, frames]."""
+        return self.frames[:, :, :self.done]
+
     def solve(self, codes, start: int, end: int):
-        """Mel frames [start, end) from the codes covering them, from this window's slice of the noise."""
+        """Mel frames [start, end) from the codes covering them, from this window's slice of the noise (in
+        the graph's own output where a CUDA graph was recorded for this length, valid until its next replay)."""
         noise, code = self.noise[:, start:end], codes[:, start // self.per_code:end // self.per_code]
         if end - start not in self.graphs:
             return self._solve(noise, code)
@@ -2636,7 +2702,17 @@ class Token2WavChunks:
         noise_in.copy_(noise)
         code_in.copy_(code)
         graph.replay()
-        return mel.clone()
+        return mel
+
+    def wave(self, mel):
+        """The vocoder's waveform for mel, from its CUDA graph where one was recorded for this length (then
+        in the graph's own output, valid until the next replay on this stream)."""
+        if mel.shape[2] not in self.vocoder_graphs:
+            return self.vocode(mel)
+        graph, mel_in, wave = self.vocoder_graphs[mel.shape[2]]
+        mel_in.copy_(mel)
+        graph.replay()
+        return wave
 
     def codes_due(self) -> int:
         """The codes the next chunk needs (its frames and the block ahead)."""
@@ -2644,24 +2720,62 @@ class Token2WavChunks:
         return (self.done + size + self.ahead) // self.per_code
 
     def add(self, codes, available: int, final: bool) -> list:
-        """Waveform chunks (float32 numpy) for every chunk the `available` codes of codes [1, n] let finish;
-        with `final`, all the rest."""
+        """Start every chunk the `available` codes of codes [1, n] let finish (with `final`, all the rest);
+        returns the waveform chunks (float32 numpy) finished by now, in order (with `final`, all of them)."""
         import torch
-        frames, out = available * self.per_code, []
-        while self.done < frames and (final or self.codes_due() <= available):
-            start = self.done
-            end = min(start + self.sizes[min(self.made, len(self.sizes) - 1)], frames)
-            last, first = min(frames, end + self.ahead), max(0, start - self.back)
-            wider = [length for length in self.graphs if last - first <= length <= last]
-            first = last - min(wider) if wider else first   # more context behind: a captured length
-            window = self.solve(codes, first, last)
-            self.mel = torch.cat((self.mel, window[:, :, start - first:end - first]), dim=2)
-            lookahead = window[:, :, end - first:end - first + VOCODER_OVERLAP_FRAMES]
-            lead = min(start, VOCODER_OVERLAP_FRAMES)
-            mel = torch.cat((self.mel[:, :, start - lead:end], lookahead), dim=2)
-            wave = self.vocoder(mel).reshape(-1).float()
-            out.append(wave[lead * SPEECH_HOP:len(wave) - lookahead.shape[2] * SPEECH_HOP].numpy())
-            self.done, self.made = end, self.made + 1
+        frames, start_s = available * self.per_code, time.perf_counter()
+        if self.stream is not None:   # the codes and the noise come from the decoders' stream
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            while self.done < frames and (final or self.codes_due() <= available):
+                self.pending.append(self._chunk(codes, frames))
+        if self.stream is None:
+            self.seconds += time.perf_counter() - start_s
+        return self.ready(wait=final)
+
+    def _chunk(self, codes, frames: int) -> tuple:
+        """The next chunk's waveform, started: (start event, end event, samples on their way to the host)."""
+        import torch
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.stream is not None else [None, None]
+        if events[0] is not None:
+            events[0].record(self.stream)
+        start = self.done
+        end = min(start + self.sizes[min(self.made, len(self.sizes) - 1)], frames)
+        last = min(frames, end + self.ahead)
+        first = self._widened(self.graphs, last - max(0, start - self.back), last)
+        window = self.solve(codes, first, last)
+        # the chunk's frames, and those after it that the vocoder runs over (the next chunk rewrites them)
+        ahead = min(VOCODER_OVERLAP_FRAMES, last - end)
+        self.frames[:, :, start:end + ahead] = window[:, :, start - first:end + ahead - first]
+        lead = min(start, VOCODER_OVERLAP_FRAMES)
+        begun = self._widened(self.vocoder_graphs, lead + end - start + ahead, end + ahead)
+        wave = self.wave(self.frames[:, :, begun:end + ahead])[(start - begun) * SPEECH_HOP:]
+        wave = wave[:len(wave) - ahead * SPEECH_HOP]
+        self.done, self.made = end, self.made + 1
+        if events[1] is None:
+            return None, None, wave.cpu().numpy()
+        samples = self.host[start * SPEECH_HOP:end * SPEECH_HOP]
+        samples.copy_(wave, non_blocking=True)
+        events[1].record(self.stream)
+        return events[0], events[1], samples
+
+    @staticmethod
+    def _widened(graphs: dict, length: int, end: int) -> int:
+        """Where a run over `length` frames ending at `end` starts: earlier, where that gives it the length
+        of a recorded graph (more context behind only)."""
+        wider = [recorded for recorded in graphs if length <= recorded <= end]
+        return end - (min(wider) if wider else length)
+
+    def ready(self, wait: bool = False) -> list:
+        """The chunks finished by now, in order, as float32 numpy (with `wait`, all that were started)."""
+        out = []
+        while self.pending and (wait or self.pending[0][1] is None or self.pending[0][1].query()):
+            start, end, samples = self.pending.popleft()
+            if end is not None:
+                end.synchronize()
+                self.seconds += start.elapsed_time(end) / 1000
+                samples = samples.numpy().copy()   # the page-locked memory serves the next reply
+            out.append(samples)
         return out
 
 
@@ -2671,8 +2785,9 @@ def token2wav_for(model, speech: Speech, decoder: Decoder) -> Token2WavChunks:
     chunks.speaker = speech.speaker
     if decoder.kind in ("graph", "compiled"):
         seconds = chunks.capture()
-        say(f"🔊 token2wav's windows ({', '.join(str(n) for n in chunks.window_lengths())} mel frames) recorded as "
-            f"CUDA graphs in {seconds:.1f} s, so that the first audio does not wait on them")
+        say(f"🔊 token2wav's windows ({', '.join(str(n) for n in chunks.window_lengths())} mel frames) and vocoder "
+            f"chunks ({', '.join(str(n) for n in chunks.vocoder_lengths())}) recorded as CUDA graphs in {seconds:.1f} s, "
+            "so that the first audio does not wait on them")
     return chunks
 
 
@@ -2706,7 +2821,7 @@ class SpokenReply:
         self.eos_row, self.pad_row = (embed(torch.tensor([token], device=self.device)) for token in
                                       (self.talker.text_eos_token, self.talker.text_pad_token))
         self.steps, self.made, self.read, self.total = None, 0, 0, None   # codes made, read back; the end
-        self.wav_s = 0.0                                                     # seconds in token2wav
+        self.wav_s = 0.0                                                     # seconds starting token2wav
         self.wav = wav
         wav.begin(speech.max_codes)
 
@@ -2749,6 +2864,8 @@ class SpokenReply:
     def flush(self, final: bool = False) -> None:
         """Read the codes made so far when a chunk of speech is due (or at the end), and make it."""
         wav = self.wav
+        for samples in wav.ready():
+            self.audio.add(samples)
         if not final and (self.made < wav.codes_due() or self.total is not None):
             return
         if self.total is None:
@@ -2767,14 +2884,15 @@ class SpokenReply:
 
     def finish(self, text_tokens: int) -> dict:
         """After the thinker's last token: the text's end, then padding, until the talker ends. Returns the
-        figures: codes, the talker's milliseconds a code (timed here, where it runs alone) and token2wav's seconds."""
+        figures: codes, the talker's milliseconds a code (timed here, where it no longer waits on the
+        thinker; the host's time starting token2wav left out) and token2wav's seconds."""
         start, codes, wav_s = time.perf_counter(), self.made, self.wav_s
         while self.total is None and self.made < self.speech.max_codes:
             self.step(self.eos_row if self.made == text_tokens - 1 else self.pad_row)
             self.flush()
-        self.flush(final=True)
         alone = time.perf_counter() - start - (self.wav_s - wav_s)
-        return {"speech_codes": self.total or 0, "token2wav_s": self.wav_s,
+        self.flush(final=True)
+        return {"speech_codes": self.total or 0, "token2wav_s": self.wav.seconds,
                 "talker_ms_per_code": 1000 * alone / (self.made - codes) if self.made > codes else None}
 
 

@@ -9,7 +9,10 @@ chunks) with token2wav's CUDA graphs and without, then plain transformers `gener
 and inputs. Then, on the codes the tool made: the chunks against token2wav over the whole reply at
 once (mel and wave, relative L2), and the graphed chunks against the eager ones.
 
-    python bench/bench_speech.py                 (on an NVIDIA GPU; ~4 minutes with the build)
+--timeline prints, for each chunk of speech, when it was started, how long that held the host and
+when the GPU made it; --schedule and --priority try other chunk sizes and stream priorities.
+
+    python bench/bench_speech.py                 (on an NVIDIA GPU; ~3 minutes with the build)
     python bench/bench_speech.py --seconds 5 --model /tmp/real_size_models/qwen2_5_omni
 """
 
@@ -35,6 +38,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the spoken reply to force")
     parser.add_argument("--text_tokens", type=int, default=64, help="length of the text answer")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--runs", nargs="+", choices=("graphs", "eager", "plain"), default=["graphs", "eager", "plain"])
+    parser.add_argument("--priority", type=int, help="token2wav's CUDA stream priority (default: the tool's)")
+    parser.add_argument("--timeline", action="store_true", help="when each chunk was started and made (CUDA)")
+    parser.add_argument("--schedule", help="token2wav's chunks in DiT blocks, e.g. 1,2,4,8 (default: the tool's)")
     args = parser.parse_args()
 
     import numpy as np
@@ -44,6 +51,8 @@ def main() -> None:
     if not (args.model / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_models.py"), str(args.model.parent), "--full-size",
                         "--device", "cuda", "--only", "qwen2_5_omni"], check=True, capture_output=True)
+    if args.schedule:
+        rm.SPEECH_CHUNK_SCHEDULE = tuple(int(n) for n in args.schedule.split(","))
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | "
@@ -67,7 +76,7 @@ def main() -> None:
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
                                model.device, media)
     speech = rm.Speech("Chelsie", max_codes=codes, min_codes=codes)
-    made = {}   # the codes token2wav was given, and its chunks, per label
+    made = {}   # the codes token2wav was given and the reply's waveform, per label
     add = rm.Token2WavChunks.add
 
     def tool(label: str, graphs: bool) -> None:
@@ -76,18 +85,43 @@ def main() -> None:
         else:
             loaded.token2wav = rm.Token2WavChunks(model.token2wav, model.speaker_map[speech.speaker], seed=0)
             loaded.token2wav.speaker = speech.speaker
+        if args.priority is not None and cuda:
+            loaded.token2wav.stream = torch.cuda.Stream(priority=args.priority)
+        seen = {}
 
         def spy_add(self, all_codes, available, final):
-            pieces = add(self, all_codes, available, final)
-            made[label] = (all_codes[0, :available].clone(), made.get(label, (None, []))[1] + pieces)
-            return pieces
-        rm.Token2WavChunks.add = spy_add
-        made.pop(label, None)
+            seen["codes"] = all_codes[0, :available].clone()
+            return add(self, all_codes, available, final)
+        chunk, ready, timeline = rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready, []
+
+        def spy_chunk(self, codes, frames):   # when each chunk was started, how long that took the host
+            begun = time.perf_counter()
+            made = chunk(self, codes, frames)
+            timeline.append(("chunk", begun - base_s, time.perf_counter() - begun, made[0], made[1]))
+            return made
+
+        def spy_ready(self, wait=False):
+            begun = time.perf_counter()
+            out = ready(self, wait)
+            if wait:
+                timeline.append(("wait", begun - base_s, time.perf_counter() - begun, None, None))
+            return out
+        rm.Token2WavChunks.add, rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready = spy_add, spy_chunk, spy_ready
         try:
             torch.manual_seed(0)
+            base = torch.cuda.Event(enable_timing=True) if cuda else None
+            base_s = time.perf_counter()
+            if base is not None:
+                base.record()
             answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, speech)
         finally:
-            rm.Token2WavChunks.add = add
+            rm.Token2WavChunks.add, rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready = add, chunk, ready
+        if args.timeline:
+            for kind, at, took, begun, ended in timeline:
+                gpu = (f"; on the GPU {base.elapsed_time(begun) / 1000:.3f}-{base.elapsed_time(ended) / 1000:.3f} s"
+                       if begun is not None else "")
+                print(f"    {kind} at {at:.3f} s, the host busy {1000 * took:.1f} ms{gpu}")
+        made[label] = seen["codes"], answer.wav
         stats = rm.stats_of(answer, loaded, 0.0)
         total, seconds = answer.end - answer.start, len(answer.wav) / rm.SPEECH_SAMPLE_RATE
         print(f"{label:<22} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
@@ -95,7 +129,8 @@ def main() -> None:
               f"{answer.first_audio_s - stats.ttft_s:.3f} s after the prompt was read (first token "
               f"{stats.ttft_s:.3f} s); text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s "
               f"with the talker; talker alone {stats.talker_ms_per_code:.2f} ms a code; token2wav "
-              f"{stats.token2wav_s:.2f} s in all, {len(made[label][1])} chunks")
+              f"{stats.token2wav_s:.2f} s in all{' (GPU time, beside the talker)' if cuda else ''}, "
+              f"{loaded.token2wav.made} chunks of {rm.SPEECH_CHUNK_SCHEDULE} blocks")
 
     def plain(label: str) -> None:
         torch.manual_seed(0)
@@ -107,8 +142,11 @@ def main() -> None:
         print(f"{label:<22} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
               f"first audio at the end: {total:.2f} s")
 
-    for label, run in (("tool, token2wav graphs", lambda name: tool(name, True)),
-                       ("tool, token2wav eager", lambda name: tool(name, False)), ("plain generate", plain)):
+    runs = {"graphs": ("tool, token2wav graphs", lambda name: tool(name, True)),
+            "eager": ("tool, token2wav eager", lambda name: tool(name, False)),
+            "plain": ("plain generate", plain)}
+    for key in args.runs:
+        label, run = runs[key]
         for repeat in range(args.repeats):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -119,20 +157,25 @@ def main() -> None:
             print(f"{'':<22} peak memory {rm.format_bytes(peak)} "
                   f"(plan's estimate {rm.format_bytes(plan.estimate.total)})")
 
+    if args.repeats > 1:
+        print("the same codes in every run: " + "; ".join(
+            f"{key} {all(torch.equal(made[f'{runs[key][0]} #1'][0], made[f'{runs[key][0]} #{n + 1}'][0]) for n in range(args.repeats))}"
+            for key in args.runs if key != "plain"))
+    if not {"graphs", "eager"} <= set(args.runs):
+        return
     # Exactness, on the codes of the last graphed run
-    label = f"tool, token2wav graphs #{args.repeats}"
-    made_codes, pieces = made[label]
-    eager = np.concatenate(made[f"tool, token2wav eager #{args.repeats}"][1])
-    chunked = np.concatenate(pieces)
+    made_codes, chunked = made[f"tool, token2wav graphs #{args.repeats}"]
+    eager = made[f"tool, token2wav eager #{args.repeats}"][1]
     voice = model.speaker_map["Chelsie"]
     with torch.inference_mode():
         whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
         whole.begin(len(made_codes))
         mel = whole.solve(made_codes.view(1, -1), 0, 2 * len(made_codes))
-        wave = whole.vocoder(mel).reshape(-1).float().numpy()
+        wave = whole.vocode(mel).cpu().numpy()
         again = rm.token2wav_for(model, speech, loaded.decoder)
         again.begin(len(made_codes))
         again.add(made_codes.view(1, -1), len(made_codes), final=True)
+        sync()
     same_codes = torch.equal(made_codes, made[f"tool, token2wav eager #{args.repeats}"][0])
     rel = float(torch.linalg.norm(again.mel - mel) / torch.linalg.norm(mel))
     print(f"chunks vs whole: mel relative L2 {rel:.2e}; wave relative L2 "

@@ -63,7 +63,7 @@ def main() -> None:
                       f"(36 DiT evaluations) eager {1000 * eager:.1f} ms, CUDA graph {1000 * graphed:.1f} ms")
         for size in sorted(set(chunks.sizes)):
             mel = torch.randn((1, 80, size + 2 * rm.VOCODER_OVERLAP_FRAMES), device="cuda")
-            print(f"vocoder on {mel.shape[2]} frames: {1000 * timed(lambda: chunks.vocoder(mel)):.1f} ms")
+            print(f"vocoder on {mel.shape[2]} frames: {1000 * timed(lambda: chunks.vocode(mel)):.1f} ms")
         for tf32 in (False, True):
             matmul.allow_tf32 = tf32
             whole = timed(lambda: token2wav(codes, conditioning=voice["cond"].cuda().float().view(1, -1),

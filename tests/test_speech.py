@@ -101,7 +101,7 @@ def test_the_talker_draws_generates_codes(omni, seed, monkeypatch):
 
 
 def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypatch):
-    """Our ODE loop (speaker encoding computed once) over all the codes, then the vocoder, is transformers'
+    """Our ODE loop (speaker encoding computed once) over all the codes, then our vocoder call, is transformers'
     token2wav with the same noise: its noise is torch.randn from the global generator seeded 0, ours
     from our own generator seeded 0."""
     import torch
@@ -113,7 +113,7 @@ def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypa
         ours = rm.Token2WavChunks(model.token2wav, voice, seed=0)
         ours.begin(len(codes))
         mel = ours.solve(code, 0, 2 * len(codes))
-        wave = ours.vocoder(mel).reshape(-1)
+        wave = ours.vocode(mel)
         torch.manual_seed(0)
         theirs = model.token2wav(code, conditioning=voice["cond"].float().expand(1, -1),
                                  reference_mel=voice["ref_mel"].float().expand(1, -1, -1))
@@ -132,7 +132,7 @@ def test_chunks_made_as_the_codes_come_match_the_whole(omni, monkeypatch):
         whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
         whole.begin(len(codes))
         mel = whole.solve(code, 0, 2 * len(codes))
-        wave = whole.vocoder(mel).reshape(-1).float().numpy()
+        wave = whole.vocode(mel).numpy()
         chunked = rm.Token2WavChunks(model.token2wav, voice, seed=0)
         chunked.begin(len(codes))
         pieces = chunked.add(code, 60, final=False) + chunked.add(code, 100, final=True)
@@ -161,3 +161,15 @@ def test_play_without_a_sound_device_says_so_before_loading(tiny_models, tmp_pat
     result = run_tool("--model_id", tiny_models["qwen2_5_omni"], "--prompt", "Say something", "--play", cwd=tmp_path)
     assert_one_line_error(result, 1, "--play", "--output_audio reply.wav")
     assert "Loading" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_is_widened_backwards_to_a_recorded_length_only_where_it_fits():
+    """A window or vocoder run over `length` frames ending at `end` starts earlier when that makes it a
+    length recorded as a CUDA graph (the smallest that fits), never before the first frame."""
+    widened = rm.Token2WavChunks._widened
+    graphs = {48: None, 96: None, 168: None, 264: None}
+    assert widened(graphs, 100, 300) == 300 - 168
+    assert widened(graphs, 96, 300) == 300 - 96
+    assert widened(graphs, 100, 150) == 50     # 168 frames would start before the first: as it is
+    assert widened(graphs, 300, 400) == 100    # longer than any recorded: as it is
+    assert widened({}, 40, 60) == 20
