@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -2584,7 +2585,6 @@ class Token2WavChunks:
                                  device=self.device, dtype=torch.float32)
         self.frames = torch.zeros((1, self.dit.mel_dim, max_codes * self.per_code), device=self.device)
         self.done = self.made = 0
-        self.pending.clear()
         self.seconds = 0.0
         samples = max_codes * self.per_code * SPEECH_HOP
         if self.stream is not None and (self.host is None or len(self.host) < samples):
@@ -2631,22 +2631,20 @@ class Token2WavChunks:
             hidden = hidden / per_layer
         return torch.clamp(vocoder.conv_post(vocoder.activation_post(hidden)), min=-1.0, max=1.0).reshape(-1)
 
+    def _settling(self) -> list[tuple[int, int]]:
+        """(first frame, frames) of the chunks the schedule makes before its sizes settle."""
+        starts = itertools.accumulate(self.sizes, initial=0)
+        return list(zip(starts, self.sizes + self.sizes[-1:]))
+
     def window_lengths(self) -> list[int]:
         """The windows the schedule solves before it settles: the lengths worth a CUDA graph."""
-        lengths, done = [], 0
-        for size in self.sizes + self.sizes[-1:]:
-            lengths.append(done + size + self.ahead - max(0, done - self.back))
-            done += size
-        return sorted(set(lengths))
+        return sorted({done + size + self.ahead - max(0, done - self.back) for done, size in self._settling()})
 
     def vocoder_lengths(self) -> list[int]:
         """The mel lengths the vocoder runs over before the schedule settles (a chunk with its overlaps,
         all but the last chunk of a reply): the lengths worth a CUDA graph."""
-        lengths, done = [], 0
-        for size in self.sizes + self.sizes[-1:]:
-            lengths.append(min(done, VOCODER_OVERLAP_FRAMES) + size + min(self.ahead, VOCODER_OVERLAP_FRAMES))
-            done += size
-        return sorted(set(lengths))
+        overlap = VOCODER_OVERLAP_FRAMES
+        return sorted({min(done, overlap) + size + min(self.ahead, overlap) for done, size in self._settling()})
 
     def capture(self) -> float:
         """Record the solve over each window length, and the vocoder over each chunk's mel length, as CUDA
@@ -2735,11 +2733,7 @@ class Token2WavChunks:
 
     def _chunk(self, codes, frames: int) -> tuple:
         """The next chunk's waveform, started: (start event, end event, samples on their way to the host)."""
-        import torch
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.stream is not None else [None, None]
-        if events[0] is not None:
-            events[0].record(self.stream)
-        start = self.done
+        began, start = self._mark(), self.done
         end = min(start + self.sizes[min(self.made, len(self.sizes) - 1)], frames)
         last = min(frames, end + self.ahead)
         first = self._widened(self.graphs, last - max(0, start - self.back), last)
@@ -2752,12 +2746,20 @@ class Token2WavChunks:
         wave = self.wave(self.frames[:, :, begun:end + ahead])[(start - begun) * SPEECH_HOP:]
         wave = wave[:len(wave) - ahead * SPEECH_HOP]
         self.done, self.made = end, self.made + 1
-        if events[1] is None:
+        if self.stream is None:
             return None, None, wave.cpu().numpy()
         samples = self.host[start * SPEECH_HOP:end * SPEECH_HOP]
         samples.copy_(wave, non_blocking=True)
-        events[1].record(self.stream)
-        return events[0], events[1], samples
+        return began, self._mark(), samples
+
+    def _mark(self):
+        """A timing event recorded on the chunks' CUDA stream now (None without one)."""
+        import torch
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
 
     @staticmethod
     def _widened(graphs: dict, length: int, end: int) -> int:

@@ -100,6 +100,14 @@ def test_the_talker_draws_generates_codes(omni, seed, monkeypatch):
     assert 0 < answer.first_audio_s < answer.end - answer.start
 
 
+def solved_at_once(model, voice, code):
+    """The whole reply's mel from one solve over all its codes, and our vocoder call's wave of it."""
+    whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
+    whole.begin(code.shape[1])
+    mel = whole.solve(code, 0, 2 * code.shape[1])
+    return mel, whole.vocode(mel)
+
+
 def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypatch):
     """Our ODE loop (speaker encoding computed once) over all the codes, then our vocoder call, is transformers'
     token2wav with the same noise: its noise is torch.randn from the global generator seeded 0, ours
@@ -110,10 +118,7 @@ def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypa
     model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
     code = torch.tensor([codes])
     with torch.inference_mode():
-        ours = rm.Token2WavChunks(model.token2wav, voice, seed=0)
-        ours.begin(len(codes))
-        mel = ours.solve(code, 0, 2 * len(codes))
-        wave = ours.vocode(mel)
+        _, wave = solved_at_once(model, voice, code)
         torch.manual_seed(0)
         theirs = model.token2wav(code, conditioning=voice["cond"].float().expand(1, -1),
                                  reference_mel=voice["ref_mel"].float().expand(1, -1, -1))
@@ -129,10 +134,8 @@ def test_chunks_made_as_the_codes_come_match_the_whole(omni, monkeypatch):
     model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
     code = torch.tensor([codes])
     with torch.inference_mode():
-        whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
-        whole.begin(len(codes))
-        mel = whole.solve(code, 0, 2 * len(codes))
-        wave = whole.vocode(mel).numpy()
+        mel, wave = solved_at_once(model, voice, code)
+        wave = wave.numpy()
         chunked = rm.Token2WavChunks(model.token2wav, voice, seed=0)
         chunked.begin(len(codes))
         pieces = chunked.add(code, 60, final=False) + chunked.add(code, 100, final=True)
