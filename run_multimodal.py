@@ -22,15 +22,18 @@ Exit codes: 0 done, 1 failed at run time, 2 bad input (flags, files), 130 interr
 
 Code map, in the order run() calls it (sections are marked "# --- N. name ---"):
   3  flags ............ build_parser(), options_from_args() -> Options (every flag, checked once)
-  4  media in ......... load_media() -> Media, check_modalities(), choose_speaker()
+  4  media in ......... load_media() -> Media, check_modalities(); the spoken reply's checks before loading:
+                        check_speech_outputs(), choose_speech() -> Speech
   5  the model ........ resolve_model() -> ModelInfo, model_facts() -> ModelFacts (exact sizes)
   6  hardware ......... detect_hardware() / simulated_hardware() -> Hardware
-  7  the plan ......... choose_plan() -> Plan: device choose_device(), dtype choose_dtype(),
-                        quantization choose_quantization(), memory estimate_memory() and place()
-  8  loading .......... load() -> Loaded: load_model(), and the decoder chosen once: choose_decoder()
-  9  a token .......... FastDecoder.logits_at() (one step), Sampler (the next token), decode_tokens()
-  10 a spoken reply ... fast_speech(): SpokenReply (the talker), Token2WavChunks (speech in chunks)
-  11 an answer ........ generate_answer() -> Answer, streamed by a PrintingStreamer
+  7  the plan ......... choose_plan() -> Plan: device choose_device(), dtype choose_dtype(), quantization
+                        choose_quantization(), memory estimate_memory() and place(); retry_plan(); dry_run()
+  8  loading .......... load() -> Loaded: load_model(), and what it decided, once: choose_runtime() -> Runtime
+  9  a token .......... Decoding (prefill, first token, FastDecoder steps, tokens back through a HostQueue),
+                        Sampler (the next token); fast_generate() consumes it
+  10 a spoken reply ... fast_speech(): SpokenReply (the talker, a Decoding too), SpeechChunks (the schedule)
+                        over Token2Wav (the solve and the vocoder, their CUDA graphs)
+  11 an answer ........ generate_answer() -> Answer, streamed by a PrintingStreamer; Stats
   12 one turn ......... answer() -> Outcome (stats, WAV written by write_wav()), with_fallbacks()
   13 a serving engine . --server: server_answer() over the OpenAI protocol (no torch on this path)
   14 chat ............. chat() / server_chat(), chat_loop(), its commands in CHAT_COMMANDS
@@ -79,7 +82,7 @@ SMALLER_MODEL_HINT = "Qwen/Qwen2.5-1.5B-Instruct"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_OUTPUT_CLOSED, EXIT_TERMINATED = 141, 143
 
-# The existing guide's size tiers, applied to the exact parameter count of what loads
+# The size policy's tiers (Apple Silicon: which models go on MPS), applied to the exact count of what loads
 SMALL_MAX_PARAMETERS = 2.5e9   # "small (about 2B and under)": always MPS on Apple Silicon
 MEDIUM_MAX_PARAMETERS = 6.5e9  # "medium (3B-6B)": MPS with >= 16 GB of RAM; above: "large (7B and up)"
 MEDIUM_MPS_MIN_RAM_GB = 16
@@ -145,12 +148,36 @@ COMPILING_DEVICES = ("cuda",)   # --compile gained nothing on a CPU; on MPS torc
 STREAM_LAG_TOKENS = 8           # how far an accelerator may run ahead of the text on screen
 SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
 
-# Out of memory, as the devices word it
 # Out of memory, as the devices word it; Metal also refuses one buffer past its largest ("Invalid buffer
 # size") and fails a command buffer with "Insufficient Memory (...kIOGPUCommandBufferCallbackErrorOutOfMemory)"
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "failed to allocate", "not enough memory",
                          "cannot allocate memory", "invalid buffer size", "insufficient memory",
                          "kiogpucommandbuffercallbackerroroutofmemory")
+
+# Quantizers: their names, where a checkpoint saved with them runs ("cuda", "mps"; None: not in transformers),
+# the packages their kernels need, and the bytes one weight takes with its share of its group's scales
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    label: str
+    device: str | None
+    packages: tuple[str, ...]
+    bytes_per_weight: object   # (bits, group size, the compute dtype's bytes) -> bytes
+
+
+QUANTIZERS = {   # nf4 and a float32 absmax per 64, or int8; fp8 and a float32 scale per 128 x 128 block; AWQ and GPTQ:
+    #              a float16 scale and a packed zero point per group; Metal and MLX: a scale and a bias per group
+    "bitsandbytes": Quantizer("bitsandbytes", "cuda", ("bitsandbytes",), lambda b, g, w: 0.5 + 4 / 64 if b == 4 else 1),
+    "fp8": Quantizer("FP8", "cuda", (), lambda b, g, w: 1 + 4 / (128 * 128)),
+    "awq": Quantizer("AWQ", "cuda", ("gptqmodel",), lambda b, g, w: b / 8 + (2 + b / 8) / g),
+    "gptq": Quantizer("GPTQ", "cuda", ("gptqmodel", "optimum"), lambda b, g, w: b / 8 + (2 + b / 8) / g),
+    "metal": Quantizer("Metal", "mps", ("kernels",), lambda b, g, w: b / 8 + 2 * w / g),
+    "mlx": Quantizer("MLX", None, (), lambda b, g, w: b / 8 + 2 * w / g)}
+
+
+def quantizer_facts(method: str) -> Quantizer:
+    """A quantization method's facts; one this table does not know (but transformers does) runs nowhere here."""
+    return QUANTIZERS.get(method) or dataclasses.replace(QUANTIZERS["mlx"], label=method)
+
 
 # Apple Silicon: what each part needs of macOS, and the Mac --hardware mps:N stands for without qualifiers
 MPS_BF16_MACOS = (14, 0)       # bfloat16 in PyTorch's MPS backend (MPSGraph)
@@ -227,6 +254,30 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, MPS 'out of memory', failed CPU allocations."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
+
+
+DAMAGED = ("the logits turned NaN or infinite in {dtype}, so the answer would be wrong; the checkpoint looks damaged "
+           "(check its files, or try another copy)")
+
+
+def end_answer(show: str, text: str, stopped: BaseException | None = None) -> None:
+    """The answer's last line: the newline after a streamed answer, or with --no_stream the whole answer (with
+    --json nothing: the JSON carries it). An answer `stopped` part-way (locally or by a serving engine) keeps
+    its line too; with --no_stream it is printed where it ends for good (Ctrl-C, SIGTERM, a broken connection,
+    an error), not where it is redone (out of memory, logits that overflowed: the retry prints its own)."""
+    if stopped is not None and (not text or isinstance(stopped, OutputClosed)):
+        return
+    if show == SHOW_STREAM:
+        write_stdout("\n")
+    elif show == SHOW_ONCE and not (isinstance(stopped, NonFiniteLogits) or is_out_of_memory(stopped)):
+        write_stdout(text + "\n")
 
 
 # --- 3. flags ------------------------------------------------------------------------------
@@ -407,7 +458,7 @@ class Options:
     api_key_env: str = DEFAULT_API_KEY_ENV
 
     @property
-    def speech(self) -> bool:
+    def speaks(self) -> bool:
         """An Omni model speaks the answer too: the talker and token2wav load."""
         return self.output_audio is not None or self.play
 
@@ -444,6 +495,10 @@ def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, caught before anything else happens."""
     if args.server:
         check_server_flags(args)
+    for flag in ("output_audio", "play", "speaker", "max_speech_seconds"):
+        if args.self_test and getattr(args, flag):
+            raise UsageError(f"--{flag} with --self_test: the self-test's tiny model is a text model and cannot "
+                             f"speak; drop --{flag}")
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
     if args.quantize != "none" and (args.force_cpu or args.device == "cpu"):
@@ -491,7 +546,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     return prompt.strip()
 
 
-# --- 4. media in ---------------------------------------------------------------------------
+# --- 4. media in, and the spoken reply out: decoded and checked before loading --------------
 
 def _require(module: str, package: str, flag: str):
     """Import a media library, or say which package the flag needs (a partial install, a pinned env)."""
@@ -654,129 +709,18 @@ def load_media(options: Options) -> Media:
     return media
 
 
-def flag_of_speech(options: Options) -> str:
-    return "--output_audio" if options.output_audio else "--play"
-
-
 def check_modalities(options: Options, info: ModelInfo) -> None:
-    """A model that cannot take an input (or cannot speak) is told before anything loads."""
+    """A model that cannot take an input (or speak) is told before anything loads."""
     what = "a text-only model" if info.kind == "text" else "a vision-language model"
     for flag, given, able, cannot, hint in (
             ("--image_path", options.image_paths, "image" in info.inputs, "see images", "a vision model"),
             ("--video_path", options.video_paths, "video" in info.inputs, "watch video", "an Omni model"),
             ("--audio_path" if options.audio_paths else "--use_audio_in_video",
              options.audio_paths or options.use_audio_in_video, "audio" in info.inputs, "hear audio", "an Omni model"),
-            (flag_of_speech(options), options.speech, info.kind == "omni", "speak", "an Omni model")):
+            (flag_of_speech(options), options.speaks, info.kind == "omni", "speak", "an Omni model")):
         if given and not able:
             raise UsageError(f"{flag}: {options.model_id} is {what} and cannot {cannot}; drop {flag} or use {hint} "
                              f"such as {DEFAULT_MODEL_ID}")
-    flag = flag_of_speech(options)
-    if options.speech and info.model_type not in SPEAKING_MODEL_TYPES:
-        raise UsageError(f"{flag}: speaking with {info.model_type} models is not supported yet (their "
-                         f"text answers are); drop {flag} or use {DEFAULT_MODEL_ID}")
-    if options.speech and not (info.speaks and _has_talker_weights(info)):
-        raise UsageError(f"{flag}: {options.model_id} was saved without its talker (" + (
-            "enable_audio_output is false in its config" if not info.speaks else "no talker weights in its files")
-            + f"), so it cannot speak; drop {flag}, or use a complete checkpoint such as {DEFAULT_MODEL_ID}")
-
-
-def _has_talker_weights(info: ModelInfo) -> bool:
-    """Whether a local checkpoint's weight files hold the talker (read from the index, or the files' headers)."""
-    folder = Path(info.model_id).expanduser()
-    if not folder.is_dir():
-        return True   # a Hub id: its files are fetched with the weights
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return any(name.startswith("talker.") for name in json.loads(index.read_text()).get("weight_map", {}))
-    files = list(folder.glob("*.safetensors"))
-    if not files:
-        return True   # pickled weights: transformers will say
-    from safetensors import safe_open
-    for file in files:
-        with safe_open(file, "pt") as weights:
-            if any(name.startswith("talker.") for name in weights.keys()):
-                return True
-    return False
-
-
-def read_speakers(info: ModelInfo, flag: str = "--output_audio") -> list[str]:
-    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
-    import torch
-    path = Path(info.model_id).expanduser() / "spk_dict.pt"
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-        try:
-            path = Path(hf_hub_download(info.model_id, "spk_dict.pt", local_files_only=info.local_only))
-        except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
-            raise RunError(f"{flag}: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
-                           "use a complete Qwen2.5-Omni checkpoint") from exc
-    # weights_only: a speaker file holds tensors and names, never code to run.
-    try:
-        return list(torch.load(path, weights_only=True, map_location="cpu"))
-    except Exception as exc:
-        raise RunError(f"{flag}: {path} holds more than voices (objects or code that PyTorch will not "
-                       "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
-
-
-@dataclasses.dataclass(frozen=True)
-class Speech:
-    speaker: str
-    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
-    min_codes: int = 0                       # benchmarks force a length; a user never needs to
-    play: bool = False                       # --play: through the default output device, as it is made
-
-
-def choose_speaker(options: Options, info: ModelInfo) -> Speech:
-    """The voice of a spoken reply, checked against the checkpoint's own before loading."""
-    voices = read_speakers(info, flag_of_speech(options))
-    speaker = options.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
-    if speaker not in voices:
-        raise UsageError(f"--speaker {options.speaker}: not a voice of {options.model_id}; choose one of "
-                         + ", ".join(voices))
-    if options.custom_system_prompt:
-        say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
-            "come without speech")
-    return Speech(speaker, max_codes=options.speech_codes, play=options.play)
-
-
-def check_output_audio(file: Path) -> Path:
-    """Where the spoken reply goes: checked before the model loads, so a typo costs nothing."""
-    _require("soundfile", "soundfile", "--output_audio")   # it writes the WAV, after all the work
-    if file.is_dir():
-        raise UsageError(f"--output_audio {file}: this is a folder; give a file name such as reply.wav")
-    folder = file.parent
-    if not folder.is_dir():
-        raise UsageError(f"--output_audio {file}: the folder {folder} does not exist; create it first")
-    try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
-        handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(f"--output_audio {file}: cannot write in {folder} ({exc.strerror}); choose a folder "
-                         "you can write to") from exc
-    return file
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What the prompt and its media amount to, for the memory estimate."""
-    text_tokens: int = 64                            # estimated before any tokenizer is loaded
-    image_sizes: tuple[tuple[int, int], ...] = ()    # (width, height) of each image
-    audio_seconds: tuple[float, ...] = ()            # length of each recording (and video sound track heard)
-    videos: tuple[tuple[int, int, int], ...] = ()    # (frames sampled, width, height) of each video
-
-
-def workload_of(options: Options, media: Media | None = None) -> Workload:
-    """The prompt's tokens (Qwen's tokenizer gives about one per 4 bytes of English; count one per 2
-    bytes, for CJK and code, plus the chat template's own) and the media's sizes."""
-    media = media or Media()
-    audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
-    if media.use_audio_in_video:
-        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos]
-    text = (options.prompt or "") + (options.system_prompt or "")
-    return Workload(text_tokens=math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS,
-                    image_sizes=tuple(image.size for image in media.images), audio_seconds=tuple(audio),
-                    videos=tuple((len(v.frames), *v.size) for v in media.videos))
 
 
 def build_messages(prompt: str, system_prompt: str | None, media: Media, kind: str) -> list[dict]:
@@ -841,6 +785,127 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
     return processor(**kwargs).to(device)
 
 
+# · the spoken reply out (--output_audio, --play): all that can be checked before loading
+
+def flag_of_speech(options: Options) -> str:
+    return "--output_audio" if options.output_audio else "--play"
+
+
+def check_speech_outputs(options: Options) -> None:
+    """Where the spoken reply goes, checked before anything is decoded or loaded: a typo costs nothing. The WAV's
+    folder exists and takes a new file (soundfile, which writes it after all the work, is there); --play has a
+    sound device."""
+    file = options.output_audio
+    if file is not None:
+        _require("soundfile", "soundfile", "--output_audio")
+        if file.is_dir():
+            raise UsageError(f"--output_audio {file}: this is a folder; give a file name such as reply.wav")
+        if not file.parent.is_dir():
+            raise UsageError(f"--output_audio {file}: the folder {file.parent} does not exist; create it first")
+        try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
+            handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=file.parent)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UsageError(f"--output_audio {file}: cannot write in {file.parent} ({exc.strerror}); choose a "
+                             "folder you can write to") from exc
+    if options.play and not options.dry_run:
+        check_play()
+
+
+def check_play() -> None:
+    """--play needs sounddevice, the PortAudio library under it, and an output device."""
+    try:
+        sounddevice = importlib.import_module("sounddevice")
+    except ImportError as exc:
+        raise RunError("--play needs the sounddevice package: pip install sounddevice (or pip install -r "
+                       "requirements.txt), or use --output_audio reply.wav") from exc
+    except OSError as exc:   # the wheel brings PortAudio on macOS and Windows; Linux has it as a system package
+        raise RunError(f"--play: PortAudio, which sounddevice plays through, is not installed ({exc}); install it "
+                       "(Debian, Ubuntu: apt install libportaudio2) or use --output_audio reply.wav") from exc
+    try:
+        sounddevice.query_devices(kind="output")
+    except (sounddevice.PortAudioError, ValueError) as exc:
+        raise RunError(f"--play: this machine has no audio output device ({exc}); use --output_audio reply.wav "
+                       "instead") from exc
+
+
+def _has_talker_weights(info: ModelInfo) -> bool:
+    """Whether a local checkpoint's weight files hold the talker (read from the index, or the files' headers)."""
+    folder = Path(info.model_id).expanduser()
+    if not folder.is_dir():
+        return True   # a Hub id: its files are fetched with the weights
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return any(name.startswith("talker.") for name in json.loads(index.read_text()).get("weight_map", {}))
+    files = list(folder.glob("*.safetensors"))
+    if not files:
+        return True   # pickled weights: transformers will say
+    from safetensors import safe_open
+    for file in files:
+        with safe_open(file, "pt") as weights:
+            if any(name.startswith("talker.") for name in weights.keys()):
+                return True
+    return False
+
+
+def read_speakers(info: ModelInfo, flag: str = "--output_audio") -> list[str]:
+    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
+    import torch
+    path = Path(info.model_id).expanduser() / "spk_dict.pt"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+        try:
+            path = Path(hf_hub_download(info.model_id, "spk_dict.pt", local_files_only=info.local_only))
+        except Exception as exc:   # not on the Hub, not cached, or not a Hub id at all
+            raise RunError(f"{flag}: {info.model_id} has no spk_dict.pt (its voices), so it cannot speak; "
+                           "use a complete Qwen2.5-Omni checkpoint") from exc
+    # weights_only: a speaker file holds tensors and names, never code to run.
+    try:
+        return list(torch.load(path, weights_only=True, map_location="cpu"))
+    except Exception as exc:
+        raise RunError(f"{flag}: {path} holds more than voices (objects or code that PyTorch will not "
+                       "load safely), so it was not loaded; use a checkpoint from a source you trust") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Speech:
+    """A spoken reply's settings: the voice and how long it may be."""
+    speaker: str
+    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
+    min_codes: int = 0                       # benchmarks force a length; a user never needs to
+    play: bool = False                       # --play: through the default output device, as it is made
+
+
+def choose_speaker(options: Options, info: ModelInfo) -> Speech:
+    """The voice of a spoken reply, checked against the checkpoint's own before loading."""
+    voices = read_speakers(info, flag_of_speech(options))
+    speaker = options.speaker or (DEFAULT_SPEAKER if DEFAULT_SPEAKER in voices else voices[0])
+    if speaker not in voices:
+        raise UsageError(f"--speaker {options.speaker}: not a voice of {options.model_id}; choose one of "
+                         + ", ".join(voices))
+    if options.custom_system_prompt:
+        say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
+            "come without speech")
+    return Speech(speaker, max_codes=options.speech_codes, play=options.play)
+
+
+def choose_speech(options: Options, info: ModelInfo) -> Speech | None:
+    """The spoken reply's settings, once the model is known to speak; None when none is asked for (and for a
+    dry run, which checks what needs no download)."""
+    if not options.speaks:
+        return None
+    flag = flag_of_speech(options)
+    if info.model_type not in SPEAKING_MODEL_TYPES:
+        raise UsageError(f"{flag}: speaking with {info.model_type} models is not supported yet (their "
+                         f"text answers are); drop {flag} or use {DEFAULT_MODEL_ID}")
+    if not (info.speaks and _has_talker_weights(info)):
+        why = "enable_audio_output is false in its config" if not info.speaks else "no talker weights in its files"
+        raise UsageError(f"{flag}: {options.model_id} was saved without its talker ({why}), so it cannot speak; drop "
+                         f"{flag}, or use a complete checkpoint such as {DEFAULT_MODEL_ID}")
+    return None if options.dry_run else choose_speaker(options, info)
+
+
 # --- 5. the model: where it is, what it takes, how big it is -----------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -853,9 +918,7 @@ class Prequantized:
 
     @property
     def label(self) -> str:
-        names = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "metal": "Metal",
-                 "mlx": "MLX"}
-        return f"{names.get(self.method, self.method)} {self.bits}-bit"
+        return f"{quantizer_facts(self.method).label} {self.bits}-bit"
 
 
 def prequantized_of(config: dict) -> Prequantized | None:
@@ -1315,7 +1378,7 @@ def simulated_hardware(spec: str) -> Hardware:
 
 
 def describe_hardware(hw: Hardware) -> list[str]:
-    """The hardware report, in the existing guide's words where it has them."""
+    """The hardware report, a line a fact."""
     lines = [f"🧪 Simulated hardware (--hardware {hw.simulated}), assumed idle"] if hw.simulated else []
     if hw.apple_silicon:
         if hw.mps_available:
@@ -1347,7 +1410,29 @@ def check_device_available(hw: Hardware, options: Options) -> None:
                          "use --dtype float16 or float32, or update macOS")
 
 
-# --- 7. the plan: device, dtype, quantization, memory, and why -------------------------------
+# --- 7. the plan: device, dtype, quantization, memory, and why; the dry run -------------------
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the prompt and its media amount to, for the memory estimate."""
+    text_tokens: int = 64                            # estimated before any tokenizer is loaded
+    image_sizes: tuple[tuple[int, int], ...] = ()    # (width, height) of each image
+    audio_seconds: tuple[float, ...] = ()            # length of each recording (and video sound track heard)
+    videos: tuple[tuple[int, int, int], ...] = ()    # (frames sampled, width, height) of each video
+
+
+def workload_of(options: Options, media: Media | None = None) -> Workload:
+    """The prompt's tokens (Qwen's tokenizer gives about one per 4 bytes of English; count one per 2
+    bytes, for CJK and code, plus the chat template's own) and the media's sizes."""
+    media = media or Media()
+    audio = [len(samples) / AUDIO_SAMPLE_RATE for samples in media.audios]
+    if media.use_audio_in_video:
+        audio += [len(v.audio) / AUDIO_SAMPLE_RATE for v in media.videos]
+    text = (options.prompt or "") + (options.system_prompt or "")
+    return Workload(text_tokens=math.ceil(len(text.encode("utf-8")) / 2) + CHAT_TEMPLATE_TOKENS,
+                    image_sizes=tuple(image.size for image in media.images), audio_seconds=tuple(audio),
+                    videos=tuple((len(v.frames), *v.size) for v in media.videos))
+
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
@@ -1434,17 +1519,6 @@ def audio_tokens(seconds: float) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1 + 2
 
 
-def packed_bytes(quantizer: str, bits: int, group: int, width: int) -> float:
-    """Bytes one quantized weight takes, with its share of its group's scale and zero point (or bias)."""
-    if quantizer == "bitsandbytes":
-        return 0.5 + 4 / 64 if bits == 4 else 1.0      # nf4 and a float32 absmax per 64 weights; int8
-    if quantizer == "fp8":
-        return 1 + 4 / (128 * 128)                      # a float32 scale per 128 x 128 block
-    if quantizer in ("awq", "gptq"):
-        return bits / 8 + (2 + bits / 8) / group        # a float16 scale and a packed zero point per group
-    return bits / 8 + 2 * width / group                 # Metal, MLX: a scale and a bias per group, 16-bit
-
-
 def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str, quantization: str | None,
                  quantizer: str = "bitsandbytes") -> dict[str, tuple[int, int]]:
     """component -> (parameters, bytes) at this precision: quantized Linear layers with their group
@@ -1458,7 +1532,8 @@ def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str, qua
             sizes[name] = (parameters, parameters * 4)
         elif quantization:
             packed = facts.quantizable[name]
-            per_weight = packed_bytes(quantizer, int(quantization.removesuffix("bit")), group, width)
+            bits = int(quantization.removesuffix("bit"))
+            per_weight = quantizer_facts(quantizer).bytes_per_weight(bits, group, width)
             sizes[name] = (parameters, int(packed * per_weight + (parameters - packed) * width))
         else:
             sizes[name] = (parameters, parameters * width)
@@ -1552,7 +1627,7 @@ def mps_usable(hw: Hardware, options: Options, vision: bool) -> bool:
 
 
 def choose_device(hw: Hardware, tier: str, options: Options, vision: bool = False) -> tuple[str, str]:
-    """The guide's placement policy: (device, reason)."""
+    """The size policy's placement: (device, reason)."""
     if options.force_cpu:
         return "cpu", "🔧 --force_cpu: using the CPU"
     if options.device != "auto":
@@ -1609,7 +1684,7 @@ def choose_quantization(hw: Hardware, device: str, options: Options) -> tuple[st
         return None, []
     if hw.apple_silicon:
         lines = ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
-        if device == "mps" and not options.speech:
+        if device == "mps" and not options.speaks:
             return options.quantize, lines + [_metal_line(options.quantize)]
         if device == "mps":
             return None, lines + ["🍎 Metal quantization is not used for a spoken reply (the talker and token2wav "
@@ -1637,7 +1712,7 @@ class Candidate:
 
 def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
     """The policy's choice first; then, unless the user chose the device, what to try when it does not
-    fit. On a Mac: the guide's tier in 16-bit on MPS, then Metal 8-bit and 4-bit on MPS, then the CPU.
+    fit. On a Mac: the size policy's tier in 16-bit on MPS, then Metal 8-bit and 4-bit on MPS, then the CPU.
     On CUDA: 16-bit, then 4-bit. Then the CPU in its dtype, and in bfloat16 where float32 would not fit."""
     if facts.prequantized:
         yield from _saved_quantized(hw, tier, options, facts)
@@ -1646,12 +1721,12 @@ def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
     device, device_reason = choose_device(hw, tier, options, vision)
     dtype, dtype_reasons = choose_dtype(hw, device, options)
     quantization, quantization_reasons = choose_quantization(hw, device, options)
-    quantizer = "" if not quantization else "metal" if device == "mps" else "bitsandbytes"
+    quantizer = ("metal" if device == "mps" else "bitsandbytes") if quantization else ""
     first = Candidate(device, dtype, quantization, (device_reason, *dtype_reasons, *quantization_reasons), quantizer)
     if options.forced:
         yield first
         return
-    if mps_usable(hw, options, vision) and not options.speech and not (quantization or options.quantize != "none"
+    if mps_usable(hw, options, vision) and not options.speaks and not (quantization or options.quantize != "none"
                                                                         and device == "mps"):
         yield from _mac_ladder(hw, tier, options, first)
     else:
@@ -1666,7 +1741,7 @@ def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
 
 
 def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
-    """MPS in 16-bit where the guide's tier puts the model there, then Metal 8-bit and 4-bit (or the
+    """MPS in 16-bit where the size policy's tier puts the model there, then Metal 8-bit and 4-bit (or the
     --quantize asked for) on MPS: a 7B model on a 16 GB Mac runs on its GPU, not on a CPU that cannot
     hold it. (Not for a spoken reply: the talker and token2wav are not quantized.)"""
     dtype, dtype_reasons = choose_dtype(hw, "mps", options)
@@ -1675,8 +1750,8 @@ def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
         lead = ()
     else:
         needed = MEDIUM_MPS_MIN_RAM_GB if tier == "medium" else LARGE_MPS_MIN_RAM_GB
-        lead = (f"💻 {tier.capitalize()} model: the guide keeps it off MPS in 16-bit below {needed} GB of RAM (this "
-                f"Mac has {hw.ram_gb:.1f} GB)", *dtype_reasons,
+        lead = (f"💻 {tier.capitalize()} model: the size policy keeps it off MPS in 16-bit below {needed} GB of RAM "
+                f"(this Mac has {hw.ram_gb:.1f} GB)", *dtype_reasons,
                 *(["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
                   if options.quantize != "none" else []))
     for bits in ([options.quantize] if options.quantize != "none" else ["8bit", "4bit"]):
@@ -1684,23 +1759,20 @@ def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
         lead = ()
 
 
-SAVED_QUANTIZED_DEVICE = {"awq": "cuda", "gptq": "cuda", "bitsandbytes": "cuda", "fp8": "cuda", "metal": "mps"}
-SAVED_QUANTIZED_NEEDS = {"awq": "gptqmodel", "gptq": "gptqmodel and optimum", "bitsandbytes": "bitsandbytes",
-                         "fp8": "an NVIDIA GPU", "metal": "kernels"}
-
-
 def _saved_quantized(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
     """A checkpoint saved quantized runs where its kernels run (AWQ, GPTQ, bitsandbytes, FP8 on NVIDIA GPUs;
     Metal on MPS); elsewhere transformers dequantizes FP8 and Metal weights to 16-bit while loading, and
     cannot run the others."""
     pre = facts.prequantized
-    where = SAVED_QUANTIZED_DEVICE.get(pre.method)
+    kind = quantizer_facts(pre.method)
+    where = kind.device
     saved = f"🗜️ {facts.model_id} is saved quantized ({pre.label}, groups of {pre.group_size})"
     here = where == "cuda" and bool(hw.cuda) or where == "mps" and hw.mps_available
     if where and here and options.device in ("auto", where) and not options.force_cpu:
         dtype = "float16" if pre.method in ("awq", "gptq") else choose_dtype(hw, where, options)[0]
-        yield Candidate(where, dtype, f"{pre.bits}bit", (f"{saved}: it runs on {_device_name(where)} with "
-                                                         f"{SAVED_QUANTIZED_NEEDS[pre.method]}",), pre.method)
+        needs = " and ".join(kind.packages) or "an NVIDIA GPU"
+        yield Candidate(where, dtype, f"{pre.bits}bit", (f"{saved}: it runs on {_device_name(where)} with {needs}",),
+                        pre.method)
     elif pre.method in ("fp8", "metal") or where is None:
         note = (f"{saved}: without {'an NVIDIA GPU' if where == 'cuda' else 'MPS'} transformers dequantizes it to "
                 "16-bit while loading" if where else f"{saved}: counted here as 16-bit weights")
@@ -1743,9 +1815,9 @@ def _missing_package(hw: Hardware, candidate: Candidate) -> str | None:
 
 def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Workload = Workload()) -> Plan:
     """Device, dtype, quantization and the memory they take, for this model on this hardware: a pure
-    function. The guide's tier policy comes first; when its choice does not fit the device's budget,
+    function. The size policy's tier comes first; when its choice does not fit the device's budget,
     the next candidate that does, with the reason."""
-    components = loading_components(facts, options.speech)
+    components = loading_components(facts, options.speaks)
     tier = size_tier(sum(facts.parameters[name] for name in components))
     first = None
     notes: list[str] = []
@@ -1867,14 +1939,11 @@ def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
     }
 
 
-QUANTIZER_NAMES = {"bitsandbytes": "bitsandbytes", "metal": "Metal", "awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8"}
-
-
 def precision_of(plan: Plan) -> str:
     """"bfloat16", "4bit bitsandbytes", "8bit Metal", "4bit AWQ": how the weights are held."""
     if not plan.quantization:
         return plan.dtype
-    return f"{plan.quantization} {QUANTIZER_NAMES.get(plan.quantizer, plan.quantizer)}".strip()
+    return f"{plan.quantization} {quantizer_facts(plan.quantizer).label}".strip()
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -1897,7 +1966,47 @@ def describe_plan(plan: Plan) -> list[str]:
     return lines
 
 
-# --- 8. loading, and the decoder chosen once ---------------------------------------------------
+def dry_run(facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
+    """--dry_run: the plan; for a model too big here (or a --hardware GPU server) the serving engine's
+    command; last, whether a real run would go ahead."""
+    for line in describe_plan(plan):
+        say(line)
+    if options.json:
+        write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
+    if not plan.fits or (hw.simulated and hw.cuda):
+        for line in engine_command(facts, hw, options, workload_of(options, media)):
+            say(line)
+    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
+        "✅ Dry run: no weights were loaded; a real run would follow this plan")
+    return EXIT_OK if plan.fits else EXIT_FAILURE
+
+
+def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: Workload) -> list[str]:
+    """For a model too big for this machine (or a --hardware GPU server): the vLLM command that would serve
+    it, sized from its bfloat16 weights and this request's cache over the GPUs described (ENGINE_GPU_GB
+    each if none), and the --server command that reaches it."""
+    pre = facts.prequantized   # an engine serves a checkpoint saved quantized as it is
+    estimate = estimate_memory(facts, loading_components(facts, False), "bfloat16", f"{pre.bits}bit" if pre else None,
+                               options, workload, pre.method if pre else "bitsandbytes")
+    need = estimate.total
+    gpu = min(device.total_bytes for device in hw.cuda) if hw.cuda else ENGINE_GPU_GB * GB
+    usable = gpu * ENGINE_MEMORY_SHARE * 0.8   # and a fifth of that for the engine's own cache and activations
+    splits = [n for n in (1, 2, 4, 8) if not facts.attention_heads or facts.attention_heads % n == 0]
+    tensor = next((n for n in splits if need / n <= usable), splits[-1])
+    stages = math.ceil(need / (tensor * usable))
+    length = min(facts.context_window or 32768, max(4096, math.ceil(estimate.context_tokens / 1024) * 1024))
+    command = f"vllm serve {facts.model_id} --tensor-parallel-size {tensor}" + (
+        f" --pipeline-parallel-size {stages}" if stages > 1 else "") + f" --max-model-len {length}"
+    where = f"{tensor * stages} GPU{'s' if tensor * stages > 1 else ''} of {format_bytes(gpu)}" + (
+        f" on {stages} machines (Ray)" if stages > 1 else "")
+    precision = pre.label if pre else "bfloat16"
+    return [f"🚀 A GPU server can serve it ({format_bytes(need)} in {precision}; {where}): {command}",
+            f"   (SGLang: python -m sglang.launch_server --model-path {facts.model_id} --tp {tensor}); then, "
+            f"from here: python run_multimodal.py --server http://SERVER:8000/v1 --model_id {facts.model_id} "
+            "--prompt \"...\""]
+
+
+# --- 8. loading, and the runtime decided once --------------------------------------------------
 
 def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     """from_pretrained's placement arguments for the plan: the GPU(s) it chose, MPS, or the CPU."""
@@ -1918,17 +2027,13 @@ def device_map_for(plan: Plan, hw: Hardware, kind: str) -> dict:
     return {"device_map": "auto"}
 
 
-SAVED_QUANTIZED_PACKAGES = {"awq": ("gptqmodel",), "gptq": ("gptqmodel", "optimum"), "bitsandbytes": ("bitsandbytes",),
-                            "metal": ("kernels",)}
-
-
 def _quantization_config(plan: Plan, info: ModelInfo):
     """transformers' config for quantizing while loading (bitsandbytes, Metal); None for a checkpoint
     saved quantized (its own config says how), after checking the packages its kernels need."""
     import torch
     from transformers.utils import is_kernels_available
     if info.prequantized:
-        missing = [name for name in SAVED_QUANTIZED_PACKAGES.get(plan.quantizer, ())
+        missing = [name for name in quantizer_facts(plan.quantizer).packages
                    if importlib.util.find_spec(name) is None]
         if missing:
             raise RunError(f"--model_id {info.model_id}: this {info.prequantized.label} checkpoint needs "
@@ -2027,76 +2132,95 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoder:
-    """How answers are decoded, chosen once when the model loads (choose_decoder)."""
-    kind: str          # "generate" (transformers), "step" (one step at a time), "graph" (CUDA graph), "compiled"
-    reason: str        # the line that says which, and why
-    lag: int = 0       # tokens the device may run ahead of the text on screen
-    draw_on_cpu: bool = False   # MPS's sampler can draw impossible tokens: draw on the CPU
-    speaks: bool = False        # the talker decodes too (a spoken reply)
+class Runtime:
+    """What loading decided, once: where the model runs, how its answers are decoded, whether it speaks them.
+    Code downstream takes what it hands out (a sampler, a queue to the host) and never looks at a device or a
+    decoder again."""
+    device: str                # "cuda", "mps" or "cpu"
+    decoder: str               # "generate" (transformers), "step" (the FastDecoder, a step at a time),
+    #                            "graph" (each step one CUDA graph), "compiled" (the graph of compiled layers)
+    reason: str                # the line that says which, and why
+    speaks: bool = False       # the talker and token2wav make a spoken reply: asked for, and the model has them
+    lag: int = 0               # tokens the device may run ahead of the text read back
+    draw_on_cpu: bool = False  # MPS can draw tokens of probability zero (pytorch#192577): draw on the CPU
 
     @property
     def fast(self) -> bool:
-        return self.kind != "generate"
+        return self.decoder != "generate"
+
+    @property
+    def graphs(self) -> bool:
+        """On CUDA: steps and speech chunks recorded as CUDA graphs, read back behind events, TF32 products."""
+        return self.decoder in ("graph", "compiled")
+
+    def sampler(self, settings) -> Sampler:
+        """The next token's chooser, drawing where this runtime draws (settings: _decoding_settings())."""
+        return Sampler(settings, self.draw_on_cpu)
+
+    def queue(self, side_stream: bool = False) -> HostQueue:
+        """Values on their way to the host: behind events on CUDA (their work on a stream of its own with
+        `side_stream`), at once elsewhere."""
+        return CudaQueue(side_stream) if self.graphs else HostQueue()
 
 
-def choose_decoder(model, device: str, options: Options) -> Decoder:
-    """The decoder for this model, device and these flags: transformers' generate(), or the
-    FastDecoder one step at a time, as a CUDA graph, or as a CUDA graph with compiled layers; for a
-    spoken reply, the thinker and the talker both on it."""
+def choose_runtime(model, device: str, options: Options) -> Runtime:
+    """How this model answers here: transformers' generate(), or the FastDecoder one step at a time, as a CUDA
+    graph per step, or as a CUDA graph of compiled layers; for a spoken reply, the thinker and the talker both."""
     import torch
-    spoken = " for the text and the spoken reply" if options.speech else ""
+    speaks = options.speaks
+    if speaks and not getattr(model, "has_talker", False):
+        raise RunError(f"{flag_of_speech(options)}: {type(model).__name__} was loaded without its talker, so it "
+                       "cannot speak; drop the flag, or use a complete Qwen2.5-Omni checkpoint")
+    slow = f"🐢 Decoding with transformers' generate(){' for the text and the spoken reply' if speaks else ''}"
     if not options.fast_decode:
-        return Decoder("generate", f"🐢 Decoding with transformers' generate(){spoken} (--no_fast_decode)")
-    thinker = model.thinker if options.speech else model
-    why_not = fast_decoding_unsupported(thinker) or (options.speech and fast_decoding_unsupported(
-        model.talker, model.talker.model))
+        return Runtime(device, "generate", f"{slow} (--no_fast_decode)", speaks)
+    thinker = model.thinker if speaks else model
+    why_not = fast_decoding_unsupported(thinker) or (speaks and fast_decoding_unsupported(model.talker,
+                                                                                           model.talker.model))
     if why_not:
-        return Decoder("generate", f"🐢 Decoding with transformers' generate(){spoken}: the fast decoder does not "
-                                   f"handle {why_not}")
+        return Runtime(device, "generate", f"{slow}: the fast decoder does not handle {why_not}", speaks)
     probe = torch.zeros((1, 1), dtype=torch.long, device=thinker.device)
     if _decoding_settings(thinker, options.sampling.generate_kwargs(), probe) is None:
-        return Decoder("generate", "🐢 These decoding settings need transformers' generate(); the fast decoder is "
-                                   "not used")
-    lag = 0 if device == "cpu" else STREAM_LAG_TOKENS   # on the CPU each token is ready when its step returns
-    speech = ", the talker too, the speech made in chunks as its codes come" if options.speech else ""
+        return Runtime(device, "generate", "🐢 These decoding settings need transformers' generate(); the fast "
+                                           "decoder is not used", speaks)
+    fast = "⚡ Fast decoding: a static KV cache, " + ("one CUDA graph per step" if device in COMPILING_DEVICES else
+                                                    "one step at a time") + (
+        ", the talker too, the speech made in chunks as its codes come" if speaks else "")
     if device not in COMPILING_DEVICES:
         if options.compile_layers:
             say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
                 "torch.compile is still experimental)")
-        # MPS's exponential_ can emit -0.0, and torch.multinomial there then picks tokens of probability
-        # zero (pytorch#192577): on MPS a sampled token is drawn on the CPU, from the processed scores.
-        draw = device == "mps" and (options.speech or effective_sampling(model.generation_config,
-                                                                          options.sampling)["do_sample"])
-        return Decoder("step", "⚡ Fast decoding: a static KV cache, one step at a time" + speech + (
-            ", each sampled token drawn on the CPU" if draw else "") + " (--no_fast_decode: transformers' generate())",
-            lag, device == "mps", options.speech)
+        draw = device == "mps"
+        sampled = speaks or effective_sampling(model.generation_config, options.sampling)["do_sample"]
+        return Runtime(device, "step", fast + (", each sampled token drawn on the CPU" if draw and sampled else "")
+                       + " (--no_fast_decode: transformers' generate())", speaks, 0, draw)
     if options.compile_layers:
-        return Decoder("compiled", "⚡ Fast decoding: a static KV cache, one CUDA graph per step" + speech + ", the "
-                                   "layers compiled first (--compile: seconds before the second token, then faster)",
-                       lag, False, options.speech)
-    return Decoder("graph", "⚡ Fast decoding: a static KV cache, one CUDA graph per step" + speech + " (--compile: "
-                            "faster after seconds of compiling, for long answers; --no_fast_decode: transformers' "
-                            "generate())", lag, False, options.speech)
+        return Runtime(device, "compiled", fast + ", the layers compiled first (--compile: seconds before the second "
+                                                  "token, then faster)", speaks, STREAM_LAG_TOKENS)
+    return Runtime(device, "graph", fast + " (--compile: faster after seconds of compiling, for long answers; "
+                                           "--no_fast_decode: transformers' generate())", speaks, STREAM_LAG_TOKENS)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Loaded:
-    """A model on its device, ready to answer one turn after another."""
+    """A model on its device, ready to answer one turn after another, and how it answers."""
     model: object
     processor: object
     plan: Plan
     load_s: float
     device_map: dict
-    decoder: Decoder
-    token2wav: object = None   # a spoken reply's Token2WavChunks, made ready at load time
+    runtime: Runtime
+    speech: Speech | None = None   # the voice of a spoken reply (runtime.speaks)
+    token2wav: object = None       # Token2Wav, ready for that voice, when the fast decoder speaks
 
 
 def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Speech | None = None) -> Loaded:
-    """The model and processor for the plan, the decoder that will answer with them, and for a spoken
-    reply on the fast decoder, token2wav ready for the voice."""
+    """The model and processor for the plan, the runtime that will answer with them, and for a spoken reply on
+    the fast decoder, token2wav ready for the voice."""
     import torch
     if plan.device == "cuda":
+        if len(plan.gpus) == 1:   # what runs on "the" GPU (streams, events, graphs) runs on the plan's
+            torch.cuda.set_device(plan.gpus[0])
         torch.cuda.reset_peak_memory_stats()
     if plan.device == "mps":
         cap_metal_memory(plan)
@@ -2106,10 +2230,10 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Sp
                                                        {"": str(model.device)}).items()}
     load_s = time.perf_counter() - start
     say(describe_sampling(model.generation_config, options.sampling))
-    decoder = choose_decoder(model, plan.device, options)
-    say(decoder.reason)
-    token2wav = token2wav_for(model, speech, decoder) if speech and decoder.speaks else None
-    return Loaded(model, processor, plan, load_s, device_map, decoder, token2wav)
+    runtime = choose_runtime(model, plan.device, options)
+    say(runtime.reason)
+    token2wav = token2wav_for(model, speech, runtime) if runtime.speaks and runtime.fast else None
+    return Loaded(model, processor, plan, load_s, device_map, runtime, speech if runtime.speaks else None, token2wav)
 
 
 # --- 9. the decoding engine: a static KV cache, one step per token, the next token on the device --
@@ -2139,17 +2263,14 @@ def fast_decoding_unsupported(model, decoder=None) -> str | None:
 
 
 class FastDecoder:
-    """One token per step, as gpt-fast decodes: keys and values in a cache of prompt + max_new_tokens
-    slots (the prompt's, from the model's own forward, copied in), and no host synchronisation inside a
-    step. A layer's arithmetic is written out with q/k/v and gate/up fused into one product each (the
-    model's Linear weights become views into them), PyTorch's fused RMSNorm, rotary in three operations
-    and the residuals added by the products themselves: about 14 dispatched operations a layer
-    (bench/count_step_ops.py), which matters where each costs tens of microseconds (MPS).
-    Off CUDA, attention runs over the filled slots (`fused` False). On CUDA (`fused`) it runs over all
-    slots under a mask, so that every step has the same shapes: capture() records the step once as a CUDA
-    graph, and with compile_layers torch.compile fuses each layer (one compilation serves every layer)."""
+    """One token per step, as gpt-fast decodes: keys and values in a cache of prompt + max_new_tokens slots (the
+    prompt's copied in), no host synchronisation inside a step, a layer written out in about 14 dispatched
+    operations (bench/count_step_ops.py; q/k/v and gate/up fused into one product each, the model's Linear
+    weights becoming views into them). Attention runs over the filled slots, or (`masked`) over all slots with
+    the unfilled masked, so that every step has the same shapes: capture() then records it as a CUDA graph, and
+    with compile_layers torch.compile fuses each layer (one compilation serves every layer)."""
 
-    def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, fused: bool,
+    def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, masked: bool,
                  compile_layers: bool = False, decoder=None, head=None, embed=None, states=None):
         """`decoder`, `head` and `embed(token) -> [1, hidden]` default to the model's own (the talker brings
         its own); `states` [max_new_tokens, hidden], if given, receives each processed token's final
@@ -2162,18 +2283,18 @@ class FastDecoder:
         self.embed = embed or (lambda token: decoder.embed_tokens(token).view(1, -1))
         self.states, self.prompt_length = states, prompt_length
         self.shape = (config.num_attention_heads, config.num_key_value_heads, self.layers[0].self_attn.head_dim)
-        self.eps, self.scaling, self.fused = config.rms_norm_eps, self.layers[0].self_attn.scaling, fused
+        self.eps, self.scaling = config.rms_norm_eps, self.layers[0].self_attn.scaling
         weight = decoder.embed_tokens.weight
         device, dtype = weight.device, weight.dtype
-        slots = prompt_length + max_new_tokens
-        shape = (len(self.layers), 1, self.shape[1], slots, self.shape[2])
+        self.slots = prompt_length + max_new_tokens
+        shape = (len(self.layers), 1, self.shape[1], self.slots, self.shape[2])
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers))):
             self.keys[i, :, :, :prompt_length] = keys
             self.values[i, :, :, :prompt_length] = values
-        self.cos, self.sin = _rotary_tables(model, decoder, slots, device, dtype)
-        self.slots = torch.arange(slots, device=device)
+        self.cos, self.sin = _rotary_tables(model, decoder, self.slots, device, dtype)
+        self.slot_numbers = torch.arange(self.slots, device=device)
         self.weights = [_fused_weights(layer) for layer in self.layers]
         self.layer_in, self.layer_out = _layer_in, _layer_out
         if compile_layers:   # dynamic=False: one shape, one compilation for all layers
@@ -2182,47 +2303,60 @@ class FastDecoder:
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)   # the step's inputs
         self.position = torch.full((1,), prompt_length, dtype=torch.long, device=device)
         self.cuda_graph = self.logits = None
+        self.logits_at = self._over_all_slots if masked else self._over_filled_slots
 
-    def _step(self, token, position, length: int | None):
-        """Embedding to logits for one token at slot `position`; attention over the `length` filled
-        slots, or (None) over all of them with the unfilled masked."""
+    def _step(self, token, position, length: int, empty):
+        """Embedding to logits for one token at slot `position`: attention over the first `length` slots,
+        those marked in `empty` left out."""
         x = embedded = self.embed(token)
         cos, sin = self.cos[position], self.sin[position]
-        empty = None if length else (self.slots > position)[None, None, None, :]
         for i, weights in enumerate(self.weights):
             q, k, v = self.layer_in(x, weights, cos, sin, self.eps, self.shape)
             self.keys[i].index_copy_(2, position, k)
             self.values[i].index_copy_(2, position, v)
-            keys, values = (self.keys[i], self.values[i]) if empty is not None else \
-                (self.keys[i][:, :, :length], self.values[i][:, :, :length])
-            x = self.layer_out(x, q, keys, values, empty, weights, self.eps, self.scaling, self.shape)
+            x = self.layer_out(x, q, self.keys[i][:, :, :length], self.values[i][:, :, :length], empty, weights,
+                               self.eps, self.scaling, self.shape)
         x = _norm(x, self.decoder.norm.weight, self.eps)
         if self.states is not None:
             self.states.index_copy_(0, position - self.prompt_length, x + embedded)
         return self.head(x).float()
 
+    def _masked_step(self):
+        """The step over all slots, the unfilled masked: the same shapes at every position (a CUDA graph's)."""
+        empty = (self.slot_numbers > self.position)[None, None, None, :]
+        return self._step(self.token, self.position, self.slots, empty)
+
+    def _over_filled_slots(self, token, position: int):
+        """The next token's logits (float32, [1, vocabulary]) after `token` (a [1] tensor) at slot `position`."""
+        self.position.fill_(position)
+        return self._step(token.view(1, 1), self.position, position + 1, None)
+
+    def _over_all_slots(self, token, position: int):
+        self.position.fill_(position)
+        self.token.copy_(token.view(1, 1))
+        return self._masked_step()
+
+    def _replayed(self, token, position: int):
+        self.position.fill_(position)
+        self.token.copy_(token.view(1, 1))
+        self.cuda_graph.replay()
+        return self.logits.clone()   # the next replay overwrites the graph's output
+
     def capture(self) -> None:
-        """Record the step as a CUDA graph, after two warm-up runs on a side stream (they set up
-        cuBLAS and compile; they write the first decode slot, which the first real step rewrites)."""
+        """Record the (masked) step as a CUDA graph, after two warm-up runs on a side stream (they set up
+        cuBLAS and compile; they write the first decode slot, which the first real step rewrites); from
+        now on logits_at() replays it."""
         import torch
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(self.token, self.position, None)
+                self._masked_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.cuda_graph):
-            self.logits = self._step(self.token, self.position, None)
-
-    def logits_at(self, token, position: int):
-        """The next token's logits (float32, [1, vocabulary]) after `token` (a [1] tensor) at slot `position`."""
-        self.position.fill_(position)
-        if self.cuda_graph is None:
-            return self._step(token.view(1, 1), self.position, None if self.fused else position + 1)
-        self.token.copy_(token.view(1, 1))
-        self.cuda_graph.replay()
-        return self.logits.clone()   # the next replay overwrites the graph's output
+            self.logits = self._masked_step()
+        self.logits_at = self._replayed
 
 
 def _rotary_tables(model, decoder, slots: int, device, dtype):
@@ -2341,7 +2475,7 @@ def _decoding_settings(model, generate_kwargs: dict, prompt):
     """transformers' own view of the decoding asked for (generate()'s keyword arguments): (generation
     config, logits processors, end tokens), built by the same private helpers generate() uses, so that
     the fast decoder samples exactly as generate() would. None where those helpers or the mode are not
-    what this was written against: then generate() runs instead (choose_decoder)."""
+    what this was written against: then generate() runs instead (choose_runtime)."""
     from transformers import LogitsProcessorList
     try:
         config, model_kwargs = model._prepare_generation_config(model.generation_config, **generate_kwargs)
@@ -2357,7 +2491,7 @@ def _decoding_settings(model, generate_kwargs: dict, prompt):
     except (AttributeError, TypeError, ValueError):
         return None
     end = config.eos_token_id
-    end = set(end if isinstance(end, (list, tuple)) else [] if end is None else [end])
+    end = set() if end is None else set(end) if isinstance(end, (list, tuple)) else {end}
     return config, processors, end
 
 
@@ -2382,92 +2516,202 @@ class Sampler:
         return torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
-def choose_token(sampler: Sampler, ids, logits, finite, slot: int) -> None:
-    """ids[:, slot] from the logits, and finite[:, slot] whether they were all finite, without a host
+def choose_token(sampler: Sampler, ids, logits, slot: int) -> None:
+    """ids[0, slot] from the logits, and ids[1, slot] whether they were all finite, without a host
     synchronisation: non-finite logits (a float16 overflow) are zeroed first, so that drawing from them
     cannot fail on the device; the token read back with its flag then stops the answer."""
     import torch
     ok = torch.isfinite(logits).all()
-    ids[:, slot] = sampler(ids[:, :slot], torch.where(ok, logits, 0.0))
-    finite[:, slot] = ok
+    ids[:1, slot] = sampler(ids[:1, :slot], torch.where(ok, logits, 0.0))
+    ids[1, slot] = ok
 
 
-def decode_tokens(step, sampler: Sampler, ids, start: int, stop: int, lag: int):
-    """Yield the tokens of slots start..stop-1 of `ids` [1, stop], each chosen from
-    step(previous token, its slot) -> logits, without waiting for them: on CUDA each token goes to
-    pinned host memory behind an event, so the device may run `lag` steps ahead of what is read
-    (the caller shows the tokens and stops at an end token; a step run past it is thrown away).
+class HostQueue:
+    """Values on their way from the device to the host, taken in the order they were put. This one takes them at
+    once: on a CPU nothing is on its way, and on MPS reading a value waits for all the work queued before it
+    anyway. `seconds` adds up the work between mark() and put() of what was taken."""
+
+    def __init__(self):
+        self.items, self.seconds = collections.deque(), 0.0
+
+    def reserve(self, size: int, dtype) -> None:
+        """A new run of at most `size` values of `dtype`: what an interrupted one left is dropped."""
+        self.items.clear()
+        self.seconds = 0.0
+
+    def working(self):
+        """Where the work whose results are put runs (here: where it is)."""
+        return contextlib.nullcontext()
+
+    def mark(self):
+        return time.perf_counter()
+
+    def put(self, value, since=None) -> None:
+        self.seconds += time.perf_counter() - since if since is not None else 0.0
+        self.items.append(value.to("cpu", copy=True))
+
+    def ready(self) -> list:
+        """The values that have arrived, oldest first, without waiting."""
+        return self.take()
+
+    def take(self, keep: int = 0) -> list:
+        """All but the `keep` newest values, oldest first, waiting for them."""
+        return [self._pop() for _ in range(len(self.items) - keep)]
+
+    def _pop(self):
+        return self.items.popleft()
+
+
+class CudaQueue(HostQueue):
+    """On CUDA each value is copied into page-locked host memory behind an event, so that putting never waits for
+    the GPU and taking waits for that value alone. With `side_stream` the work runs on a stream of its own at a
+    higher priority than the decoders' (working()), so that the talker goes on making codes while the GPU makes
+    the speech of the ones before: nothing there may hold the host (no copy but into page-locked memory, no
+    allocation). `seconds` is the GPU's time."""
+
+    def __init__(self, side_stream: bool = False):
+        import torch
+        super().__init__()
+        self.stream = torch.cuda.Stream(priority=-1) if side_stream else torch.cuda.current_stream()
+        self.host, self.at = None, 0
+
+    def reserve(self, size: int, dtype) -> None:
+        import torch
+        self.take()   # an interrupted run's values may still be on their way into this memory
+        super().reserve(size, dtype)
+        if self.host is None or len(self.host) < size or self.host.dtype != dtype:
+            # here, before the run: allocating page-locked memory waits for the whole GPU
+            self.host = torch.empty(size, dtype=dtype, pin_memory=True)
+        self.at = 0
+
+    @contextlib.contextmanager
+    def working(self):
+        import torch
+        self.stream.wait_stream(torch.cuda.current_stream())   # its inputs come from the decoders' stream
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def mark(self):
+        import torch
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def put(self, value, since=None) -> None:
+        import torch
+        target, self.at = self.host[self.at:self.at + value.numel()], self.at + value.numel()
+        target.copy_(value.reshape(-1), non_blocking=True)
+        event = torch.cuda.Event(enable_timing=since is not None)
+        event.record()
+        self.items.append((target, event, since))
+
+    def ready(self) -> list:
+        return [self._pop() for _ in itertools.takewhile(lambda item: item[1].query(), list(self.items))]
+
+    def _pop(self):
+        target, event, since = self.items.popleft()
+        event.synchronize()   # that value only; later work keeps the device busy
+        self.seconds += since.elapsed_time(event) / 1000 if since is not None else 0.0
+        return target.clone()   # the page-locked memory serves the next run
+
+
+class Decoding:
+    """One sequence, its tokens chosen as generate() would choose them: the first from the prompt's forward
+    (`prefill`: its output, the caller keeping what else it needs of it), then one FastDecoder step each (a CUDA
+    graph where the runtime says so), each chosen on the device and sent to the host through the runtime's
+    queue. Iterating yields them as they come: the first at once, then `lag` behind the device (the caller stops
+    at an end token; steps past it are thrown away). The talker goes at its own pace: advance(), then take().
     Non-finite logits raise NonFiniteLogits when their token is read."""
-    import torch
-    cuda = ids.device.type == "cuda"
-    finite = torch.ones_like(ids, dtype=torch.bool)
-    host = torch.empty((2, stop), dtype=torch.long, pin_memory=True) if cuda else None
-    pending: collections.deque = collections.deque()
-    for slot in range(start, stop):
-        choose_token(sampler, ids, step(ids[:, slot - 1], slot - 1), finite, slot)
-        event = None
-        if cuda:
-            host[0, slot:slot + 1].copy_(ids[0, slot:slot + 1], non_blocking=True)
-            host[1, slot:slot + 1].copy_(finite[0, slot:slot + 1], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        pending.append((slot, event))
-        while len(pending) > lag or (slot == stop - 1 and pending):
-            read, event = pending.popleft()
-            if event is not None:
-                event.synchronize()   # waits for that token only; later steps keep the device busy
-            token, ok = (int(host[0, read]), bool(host[1, read])) if cuda else \
-                (int(ids[0, read]), bool(finite[0, read]))
-            if not ok:
+
+    def __init__(self, runtime: Runtime, model, generate_kwargs: dict, prompt, prefill, **step_args):
+        import torch
+        self.runtime, self.model, self.step_args, self.prefill, self.steps = runtime, model, step_args, prefill, None
+        self.sampler = runtime.sampler(_decoding_settings(model, generate_kwargs, prompt))
+        self.length, self.budget, self.made = prompt.shape[-1], generate_kwargs["max_new_tokens"], 0
+        self.ids = torch.ones((2, self.length + self.budget), dtype=torch.long, device=prompt.device)   # token, finite
+        self.ids[:1, :self.length] = prompt
+        self.queue = runtime.queue()
+        self.queue.reserve(2 * self.budget, torch.long)
+        self._choose(prefill.logits[:, -1].to(dtype=torch.float32, copy=True))
+
+    @property
+    def end(self) -> set:
+        """The tokens that end the sequence."""
+        return self.sampler.end
+
+    @property
+    def generated(self):
+        """The tokens chosen so far, on the device: [1, made] (and the slots after them)."""
+        return self.ids[:1, self.length:]
+
+    def _choose(self, logits) -> None:
+        choose_token(self.sampler, self.ids, logits, self.length + self.made)
+        self.queue.put(self.ids[:, self.length + self.made])
+        self.made += 1
+
+    def advance(self) -> None:
+        """One more token, chosen on the device; the first call sets up the steps."""
+        if self.steps is None:
+            runtime = self.runtime
+            self.steps = FastDecoder(self.model, cache_of(self.prefill), self.length, self.budget, runtime.graphs,
+                                     runtime.decoder == "compiled", **self.step_args)
+            self.prefill = None   # its cache now lives in the steps' own
+            if runtime.graphs:
+                self.steps.capture()
+        slot = self.length + self.made
+        self._choose(self.steps.logits_at(self.ids[0, slot - 1:slot], slot - 1))
+
+    def take(self, keep: int = 0) -> list[int]:
+        """The tokens that came back, all but the `keep` newest, waiting for them."""
+        tokens = []
+        for token, finite in (value.tolist() for value in self.queue.take(keep)):
+            if not finite:
                 raise NonFiniteLogits()
-            yield token
+            tokens.append(token)
+        return tokens
+
+    def __iter__(self):
+        yield from self.take()
+        while self.made < self.budget:
+            self.advance()
+            yield from self.take(self.runtime.lag)
+        yield from self.take()
 
 
-def fast_generate(model, inputs, sampling: Sampling, streamer, extra: dict, decoder: Decoder) -> None:
-    """Decode like generate(): the prompt through the model's forward, then one token at a time
-    through a FastDecoder, each token handed to `streamer` as generate() would. The first token is
-    shown before the CUDA graph is captured (and the layers compiled), so it never waits on them."""
+def fast_generate(runtime: Runtime, model, inputs, sampling: Sampling, streamer, extra: dict) -> None:
+    """Decode like generate(): the prompt through the model's forward, then one token at a time through a
+    Decoding, each token handed to `streamer` as generate() would. The first token is shown before the steps
+    are set up (a CUDA graph captured, the layers compiled), so it never waits on them."""
     import torch
     prompt = inputs["input_ids"]
-    length, budget = prompt.shape[-1], sampling.max_new_tokens
-    sampler = Sampler(_decoding_settings(model, sampling.generate_kwargs(), prompt), decoder.draw_on_cpu)
-    ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
-    ids[:, :length] = prompt
-    finite = torch.ones_like(ids, dtype=torch.bool)
     streamer.put(prompt.cpu())
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(**inputs, **extra, **keep, use_cache=True)
-    choose_token(sampler, ids, out.logits[:, -1].to(copy=True, dtype=torch.float32), finite, length)
-    if not bool(finite[0, length]):
-        raise NonFiniteLogits()
-    first = int(ids[0, length])
-    streamer.put(torch.tensor([first]))
-    if first not in sampler.end and budget > 1:
-        fused = decoder.kind in ("graph", "compiled")
-        steps = FastDecoder(model, cache_of(out), length, budget, fused, decoder.kind == "compiled")
-        del out
-        if fused:
-            steps.capture()
-        for token in decode_tokens(steps.logits_at, sampler, ids, length + 1, length + budget, decoder.lag):
-            streamer.put(torch.tensor([token]))
-            if token in sampler.end:
-                break
+    text = Decoding(runtime, model, sampling.generate_kwargs(), prompt, out)
+    del out
+    for token in text:
+        streamer.put(torch.tensor([token]))
+        if token in text.end:
+            break
     streamer.end()
 
 
 # --- 10. a spoken reply: the talker on the decoding engine, token2wav in chunks, heard as made -----
 
-class Player:
-    """Plays a reply's chunks through the default output device as they come: PortAudio's own thread
-    pulls them from a queue, so that generating never waits on the sound card."""
+class AudioOut:
+    """The spoken reply as its chunks come: kept for --output_audio, and with --play heard through the default
+    output device as they come, PortAudio's own thread pulling them from a queue so that generating never waits
+    on the sound card. `first_s` is when the first chunk came, counted from `start`."""
 
-    def __init__(self):
+    def __init__(self, play: bool, start: float):
         import numpy as np
-        import sounddevice
-        self.queue, self.buffer = collections.deque(), np.zeros(0, dtype=np.float32)
-        self.stream = sounddevice.OutputStream(samplerate=SPEECH_SAMPLE_RATE, channels=1, dtype="float32",
-                                               callback=self._fill)
-        self.stream.start()
+        self.chunks, self.first_s, self.start = [], None, start
+        self.queue, self.buffer, self.stream = collections.deque(), np.zeros(0, dtype=np.float32), None
+        if play:
+            import sounddevice
+            self.stream = sounddevice.OutputStream(samplerate=SPEECH_SAMPLE_RATE, channels=1, dtype="float32",
+                                                   callback=self._fill)
+            self.stream.start()
 
     def _fill(self, out, frames, time_info, status) -> None:
         import numpy as np
@@ -2476,83 +2720,39 @@ class Player:
         count = min(frames, len(self.buffer))
         out[:count, 0], out[count:, 0], self.buffer = self.buffer[:count], 0.0, self.buffer[count:]
 
-    def put(self, samples) -> None:
-        self.queue.append(samples)
-
-    def close(self, drain: bool) -> None:
-        """Stop, after what is queued has been heard when `drain`."""
-        while drain and (self.queue or len(self.buffer)):
-            time.sleep(0.02)
-        self.stream.stop()
-        self.stream.close()
-
-
-def check_play() -> None:
-    """--play needs sounddevice, the PortAudio library under it, and an output device: said before loading."""
-    try:
-        sounddevice = importlib.import_module("sounddevice")
-    except ImportError as exc:
-        raise RunError("--play needs the sounddevice package: pip install sounddevice (or pip install -r "
-                       "requirements.txt), or use --output_audio reply.wav") from exc
-    except OSError as exc:   # the wheel brings PortAudio on macOS and Windows; Linux has it as a system package
-        raise RunError(f"--play: PortAudio, which sounddevice plays through, is not installed ({exc}); install it "
-                       "(Debian, Ubuntu: apt install libportaudio2) or use --output_audio reply.wav") from exc
-    try:
-        sounddevice.query_devices(kind="output")
-    except (sounddevice.PortAudioError, ValueError) as exc:
-        raise RunError(f"--play: this machine has no audio output device ({exc}); use --output_audio reply.wav "
-                       "instead") from exc
-
-
-class AudioOut:
-    """The spoken reply as its chunks come: kept for --output_audio, played with --play; `first_s` is
-    when the first chunk came, counted from `start`."""
-
-    def __init__(self, play: bool, start: float):
-        self.chunks, self.first_s, self.start = [], None, start
-        self.player = Player() if play else None
-
     def add(self, samples) -> None:
         if self.first_s is None:
             self.first_s = time.perf_counter() - self.start
         self.chunks.append(samples)
-        if self.player:
-            self.player.put(samples)
+        if self.stream:
+            self.queue.append(samples)
 
     def close(self, drain: bool):
         """All the samples (None if there were none); with --play, after they have been heard (`drain`)."""
         import numpy as np
-        if self.player:
-            self.player.close(drain)
+        if self.stream:
+            while drain and (self.queue or len(self.buffer)):
+                time.sleep(0.02)
+            self.stream.stop()
+            self.stream.close()
         return np.concatenate(self.chunks) if self.chunks else None
 
 
-class Token2WavChunks:
-    """Qwen2.5-Omni's token2wav, a chunk of speech at a time as the codes come. Its DiT attends within
-    blocks of mel frames (two per code), a block ahead and two back across its layers, so each chunk
-    (SPEECH_CHUNK_SCHEDULE) is solved (the ODE of transformers' `sample`) over a window with that context,
-    from a noise buffer drawn once a reply, so that overlapping windows start from the same noise. The
-    vocoder runs over the chunk's mel with VOCODER_OVERLAP_FRAMES more on each side, trimmed at the seams.
-    Faster than transformers' loop: the speaker encoder's output (the same for every evaluation) is
-    computed once; on a CUDA GPU the solve is replayed as a CUDA graph, one per window length the
-    schedule needs (captured by capture(), at load time; a window is widened backwards to a captured
-    length, which only adds context), and the DiT's float32 matrix products use TF32 (as its
-    convolutions, and the vocoder's, already do by PyTorch's default): the mel moves by about 2e-4 of
-    its size (bench/profile_token2wav.py). On CUDA a chunk runs on a stream of its own, at a higher
-    priority than the decoders', so that the talker goes on making codes while the GPU makes the speech
-    of the ones before; nothing there may hold the host (no copy to it but into page-locked memory, no
-    allocation), and finished chunks are collected by ready() without waiting."""
+class Token2Wav:
+    """Qwen2.5-Omni's token2wav for one voice, as a reply's chunks need it: the DiT's ODE solved over a window of
+    mel frames (the speaker encoding, the same at every evaluation, computed once), the vocoder over a stretch of
+    mel. With the runtime's graphs (CUDA) both are CUDA graphs, one per length the chunk schedule needs, and the
+    DiT's float32 products use TF32 (its convolutions already do): the mel moves by about 2e-4 of its size
+    (bench/profile_token2wav.py). Its chunks go through a queue of their own (on CUDA, a stream of their own)."""
 
-    def __init__(self, token2wav, voice: dict, seed: int):
+    def __init__(self, token2wav, voice: dict, runtime: Runtime, seed: int = 0):
         import torch
         if token2wav.dtype != torch.float32:   # as generate() does
             token2wav.float()
         self.dit, self.vocoder, self.seed = token2wav.code2wav_dit_model, token2wav.code2wav_bigvgan_model, seed
         self.device = next(self.dit.parameters()).device
-        self.per_code, block = self.dit.repeats, self.dit.block_size
-        self.sizes = [block * n for n in SPEECH_CHUNK_SCHEDULE]
-        self.back, self.ahead = block * SPEECH_CONTEXT_BACK_BLOCKS, block * SPEECH_CONTEXT_AHEAD_BLOCKS
-        self.tf32 = self.device.type == "cuda"
+        self.per_code, self.block, self.mel_dim = self.dit.repeats, self.dit.block_size, self.dit.mel_dim
+        self.tf32 = runtime.graphs
         self.cond = voice["cond"].to(self.device).float().view(1, -1)
         self.reference = voice["ref_mel"].to(self.device).float()
         options = {name: parameter.default for name, parameter in
@@ -2567,29 +2767,9 @@ class Token2WavChunks:
         self.encoder.forward = lambda _reference: encoded
         # the vocoder's floor on the mel's amplitude, as its own amplitude_to_db makes it (there, each call)
         self.floor = torch.exp(torch.tensor(VOCODER_FLOOR_DB / 20 * math.log(10), device=self.device))
-        self.graphs = {}   # window length -> (graph, noise in, codes in, mel out)
-        self.vocoder_graphs = {}   # mel length -> (graph, mel in, wave out)
-        self.stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
-        self.pending = collections.deque()   # chunks made or on their way: (start, end events, samples)
-        self.seconds = 0.0                   # spent making speech: on the GPU's clock on CUDA
-        self.host = None                     # page-locked memory the chunks are copied into, on CUDA
-        self.begin(0)
-
-    def begin(self, max_codes: int) -> None:
-        """A new reply of at most `max_codes` codes: its noise, drawn from this object's own generator
-        (the talker's draws stay transformers'), and no mel yet."""
-        import torch
-        self.ready(wait=True)   # what an interrupted reply left on its way
-        generator = torch.Generator(self.device).manual_seed(self.seed)
-        self.noise = torch.randn((1, max_codes * self.per_code, self.dit.mel_dim), generator=generator,
-                                 device=self.device, dtype=torch.float32)
-        self.frames = torch.zeros((1, self.dit.mel_dim, max_codes * self.per_code), device=self.device)
-        self.done = self.made = 0
-        self.seconds = 0.0
-        samples = max_codes * self.per_code * SPEECH_HOP
-        if self.stream is not None and (self.host is None or len(self.host) < samples):
-            # allocated here, before the reply: allocating page-locked memory waits for the whole GPU
-            self.host = torch.empty(samples, dtype=torch.float32, pin_memory=True)
+        self.graphs: dict = {}           # window length -> (graph, noise in, codes in, mel out)
+        self.vocoder_graphs: dict = {}   # mel length -> (graph, mel in, wave out)
+        self.queue = runtime.queue(side_stream=True)
 
     def _solve(self, state, code):
         """The ODE from `state` [1, frames, mel_dim] for `code`: RK4 over self.times with classifier-free
@@ -2631,316 +2811,274 @@ class Token2WavChunks:
             hidden = hidden / per_layer
         return torch.clamp(vocoder.conv_post(vocoder.activation_post(hidden)), min=-1.0, max=1.0).reshape(-1)
 
-    def _settling(self) -> list[tuple[int, int]]:
-        """(first frame, frames) of the chunks the schedule makes before its sizes settle."""
-        starts = itertools.accumulate(self.sizes, initial=0)
-        return list(zip(starts, self.sizes + self.sizes[-1:]))
+    def solve(self, noise, code):
+        """Mel [1, mel_dim, frames] from `noise` [1, frames, mel_dim] and the codes covering those frames."""
+        return self._replayed(self.graphs, noise.shape[1], self._solve, noise, code)
 
-    def window_lengths(self) -> list[int]:
-        """The windows the schedule solves before it settles: the lengths worth a CUDA graph."""
-        return sorted({done + size + self.ahead - max(0, done - self.back) for done, size in self._settling()})
+    def wave(self, mel):
+        """The vocoder's waveform for mel [1, mel_dim, frames]."""
+        return self._replayed(self.vocoder_graphs, mel.shape[2], self.vocode, mel)
 
-    def vocoder_lengths(self) -> list[int]:
-        """The mel lengths the vocoder runs over before the schedule settles (a chunk with its overlaps,
-        all but the last chunk of a reply): the lengths worth a CUDA graph."""
-        overlap = VOCODER_OVERLAP_FRAMES
-        return sorted({min(done, overlap) + size + min(self.ahead, overlap) for done, size in self._settling()})
+    @staticmethod
+    def _replayed(graphs: dict, length: int, eager, *inputs):
+        """eager(*inputs), from the CUDA graph recorded for this length where there is one (its output then valid
+        until its next replay on this stream)."""
+        if length not in graphs:
+            return eager(*inputs)
+        graph, *slots, output = graphs[length]
+        for slot, value in zip(slots, inputs):
+            slot.copy_(value)
+        graph.replay()
+        return output
 
-    def capture(self) -> float:
-        """Record the solve over each window length, and the vocoder over each chunk's mel length, as CUDA
-        graphs (warm-up runs first: cuBLAS's workspace, the attention and convolution kernels chosen and
-        loaded), the graphs sharing one memory pool. Returns seconds. Besides the time saved, a replayed
-        vocoder leaves the host free: run op by op, it held the host until the GPU had finished the chunk's
-        solve (seen on an H200, cause not found), which stopped the talker meanwhile."""
+    def capture(self, windows: list[int], vocoder_lengths: list[int]) -> float:
+        """Record the solve over each window length, and the vocoder over each mel length, as CUDA graphs
+        sharing one memory pool, after warm-up runs (cuBLAS's workspace, the attention and convolution kernels
+        chosen and loaded); each replayed once, on the chunks' stream (a graph's first replay uploads it,
+        holding the host meanwhile). Returns seconds. A replayed vocoder also leaves the host free: run op by
+        op, it held the host until the GPU had finished the chunk's solve, which stopped the talker meanwhile."""
         import torch
-        start, mel_dim = time.perf_counter(), self.dit.mel_dim
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        start, pool, stream = time.perf_counter(), torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
 
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(shape, dtype=dtype, device=self.device)
-        with torch.no_grad():   # captured on a stream of their own: cuBLAS's workspace is per stream, and
-            # these graphs run beside the decoders' (captured on torch.cuda.graph's default stream)
-            with torch.cuda.stream(stream):
-                length = self.window_lengths()[0]
-                self._solve(zeros(1, length, mel_dim), zeros(1, length // self.per_code, dtype=torch.long))
-                for length in self.vocoder_lengths():
-                    self.vocode(zeros(1, mel_dim, length))
-            torch.cuda.current_stream().wait_stream(stream)
-            for length in self.window_lengths():
-                noise_in, code_in = zeros(1, length, mel_dim), zeros(1, length // self.per_code, dtype=torch.long)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    mel = self._solve(noise_in, code_in)
-                self.graphs[length] = graph, noise_in, code_in, mel
-            for length in self.vocoder_lengths():
-                mel_in, graph = zeros(1, mel_dim, length), torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    wave = self.vocode(mel_in)
-                self.vocoder_graphs[length] = graph, mel_in, wave
-            with torch.cuda.stream(self.stream):   # a graph's first replay uploads it, holding the host meanwhile
+
+        def record(run, *inputs):   # (graph, its inputs, its output)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                output = run(*inputs)
+            return graph, *inputs, output
+        # recorded on a stream of their own: cuBLAS's workspace is per stream, and these graphs run beside
+        # the decoders' (recorded on torch.cuda.graph's default stream)
+        with torch.no_grad(), torch.cuda.stream(stream):
+            self._solve(zeros(1, windows[0], self.mel_dim), zeros(1, windows[0] // self.per_code, dtype=torch.long))
+            for length in vocoder_lengths:
+                self.vocode(zeros(1, self.mel_dim, length))
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():
+            self.graphs = {n: record(self._solve, zeros(1, n, self.mel_dim),
+                                     zeros(1, n // self.per_code, dtype=torch.long)) for n in windows}
+            self.vocoder_graphs = {n: record(self.vocode, zeros(1, self.mel_dim, n)) for n in vocoder_lengths}
+            with self.queue.working():
                 for graph, *_ in (*self.graphs.values(), *self.vocoder_graphs.values()):
                     graph.replay()
         torch.cuda.synchronize()
         return time.perf_counter() - start
+
+
+class SpeechChunks:
+    """One reply's speech, a chunk (SPEECH_CHUNK_SCHEDULE) at a time as its codes come: each solved over a window
+    with the context the DiT reaches (a block ahead, two back), from one noise buffer drawn per reply from its
+    own generator (the talker's draws stay transformers'), so that overlapping windows start from the same
+    noise; the vocoder over the chunk's mel and VOCODER_OVERLAP_FRAMES more each side, trimmed at the seams. A
+    run is widened backwards to a length recorded as a CUDA graph (more context behind only). Chunks start on
+    token2wav's queue and are collected in order as they finish."""
+
+    def __init__(self, token2wav: Token2Wav, max_codes: int):
+        import torch
+        self.model, self.queue, self.per_code = token2wav, token2wav.queue, token2wav.per_code
+        self.sizes = [token2wav.block * n for n in SPEECH_CHUNK_SCHEDULE]
+        self.back = token2wav.block * SPEECH_CONTEXT_BACK_BLOCKS
+        self.ahead = token2wav.block * SPEECH_CONTEXT_AHEAD_BLOCKS
+        frames, device = max_codes * self.per_code, token2wav.device
+        self.queue.reserve(frames * SPEECH_HOP, torch.float32)
+        generator = torch.Generator(device).manual_seed(token2wav.seed)
+        self.noise = torch.randn((1, frames, token2wav.mel_dim), generator=generator, device=device)
+        self.frames = torch.zeros((1, token2wav.mel_dim, frames), device=device)
+        self.done = self.chunks_made = 0   # mel frames made; chunks started
+
+    @staticmethod
+    def graph_lengths(block: int) -> tuple[list[int], list[int]]:
+        """The window lengths the schedule solves, and the mel lengths the vocoder runs over (a chunk with its
+        overlaps), before its sizes settle: the lengths worth a CUDA graph."""
+        sizes = [block * n for n in SPEECH_CHUNK_SCHEDULE]
+        back, ahead = block * SPEECH_CONTEXT_BACK_BLOCKS, block * SPEECH_CONTEXT_AHEAD_BLOCKS
+        overlap = VOCODER_OVERLAP_FRAMES
+        chunks = list(zip(itertools.accumulate(sizes, initial=0), sizes + sizes[-1:]))   # (first frame, frames)
+        return (sorted({done + size + ahead - max(0, done - back) for done, size in chunks}),
+                sorted({min(done, overlap) + size + min(ahead, overlap) for done, size in chunks}))
 
     @property
     def mel(self):
         """The mel frames made so far [1, mel_dim, frames]."""
         return self.frames[:, :, :self.done]
 
-    def solve(self, codes, start: int, end: int):
-        """Mel frames [start, end) from the codes covering them, from this window's slice of the noise (in
-        the graph's own output where a CUDA graph was recorded for this length, valid until its next replay)."""
-        noise, code = self.noise[:, start:end], codes[:, start // self.per_code:end // self.per_code]
-        if end - start not in self.graphs:
-            return self._solve(noise, code)
-        graph, noise_in, code_in, mel = self.graphs[end - start]
-        noise_in.copy_(noise)
-        code_in.copy_(code)
-        graph.replay()
-        return mel
-
-    def wave(self, mel):
-        """The vocoder's waveform for mel, from its CUDA graph where one was recorded for this length (then
-        in the graph's own output, valid until the next replay on this stream)."""
-        if mel.shape[2] not in self.vocoder_graphs:
-            return self.vocode(mel)
-        graph, mel_in, wave = self.vocoder_graphs[mel.shape[2]]
-        mel_in.copy_(mel)
-        graph.replay()
-        return wave
-
     def codes_due(self) -> int:
         """The codes the next chunk needs (its frames and the block ahead)."""
-        size = self.sizes[min(self.made, len(self.sizes) - 1)]
-        return (self.done + size + self.ahead) // self.per_code
+        return (self.done + self.sizes[min(self.chunks_made, len(self.sizes) - 1)] + self.ahead) // self.per_code
 
     def add(self, codes, available: int, final: bool) -> list:
         """Start every chunk the `available` codes of codes [1, n] let finish (with `final`, all the rest);
         returns the waveform chunks (float32 numpy) finished by now, in order (with `final`, all of them)."""
-        import torch
-        frames, start_s = available * self.per_code, time.perf_counter()
-        if self.stream is not None:   # the codes and the noise come from the decoders' stream
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        frames = available * self.per_code
+        with self.queue.working():
             while self.done < frames and (final or self.codes_due() <= available):
-                self.pending.append(self._chunk(codes, frames))
-        if self.stream is None:
-            self.seconds += time.perf_counter() - start_s
-        return self.ready(wait=final)
+                self._chunk(codes, frames)
+        return [samples.numpy() for samples in (self.queue.take() if final else self.queue.ready())]
 
-    def _chunk(self, codes, frames: int) -> tuple:
-        """The next chunk's waveform, started: (start event, end event, samples on their way to the host)."""
-        began, start = self._mark(), self.done
-        end = min(start + self.sizes[min(self.made, len(self.sizes) - 1)], frames)
+    def ready(self) -> list:
+        """The chunks finished by now, in order, without waiting."""
+        return [samples.numpy() for samples in self.queue.ready()]
+
+    def _chunk(self, codes, frames: int) -> None:
+        """The next chunk's waveform, started on the queue."""
+        since, start = self.queue.mark(), self.done
+        end = min(start + self.sizes[min(self.chunks_made, len(self.sizes) - 1)], frames)
         last = min(frames, end + self.ahead)
-        first = self._widened(self.graphs, last - max(0, start - self.back), last)
-        window = self.solve(codes, first, last)
+        first = widened(self.model.graphs, last - max(0, start - self.back), last)
+        window = self.model.solve(self.noise[:, first:last], codes[:, first // self.per_code:last // self.per_code])
         # the chunk's frames, and those after it that the vocoder runs over (the next chunk rewrites them)
         ahead = min(VOCODER_OVERLAP_FRAMES, last - end)
         self.frames[:, :, start:end + ahead] = window[:, :, start - first:end + ahead - first]
         lead = min(start, VOCODER_OVERLAP_FRAMES)
-        begun = self._widened(self.vocoder_graphs, lead + end - start + ahead, end + ahead)
-        wave = self.wave(self.frames[:, :, begun:end + ahead])[(start - begun) * SPEECH_HOP:]
-        wave = wave[:len(wave) - ahead * SPEECH_HOP]
-        self.done, self.made = end, self.made + 1
-        if self.stream is None:
-            return None, None, wave.cpu().numpy()
-        samples = self.host[start * SPEECH_HOP:end * SPEECH_HOP]
-        samples.copy_(wave, non_blocking=True)
-        return began, self._mark(), samples
-
-    def _mark(self):
-        """A timing event recorded on the chunks' CUDA stream now (None without one)."""
-        import torch
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
-        return event
-
-    @staticmethod
-    def _widened(graphs: dict, length: int, end: int) -> int:
-        """Where a run over `length` frames ending at `end` starts: earlier, where that gives it the length
-        of a recorded graph (more context behind only)."""
-        wider = [recorded for recorded in graphs if length <= recorded <= end]
-        return end - (min(wider) if wider else length)
-
-    def ready(self, wait: bool = False) -> list:
-        """The chunks finished by now, in order, as float32 numpy (with `wait`, all that were started)."""
-        out = []
-        while self.pending and (wait or self.pending[0][1] is None or self.pending[0][1].query()):
-            start, end, samples = self.pending.popleft()
-            if end is not None:
-                end.synchronize()
-                self.seconds += start.elapsed_time(end) / 1000
-                samples = samples.numpy().copy()   # the page-locked memory serves the next reply
-            out.append(samples)
-        return out
+        begun = widened(self.model.vocoder_graphs, lead + end - start + ahead, end + ahead)
+        wave = self.model.wave(self.frames[:, :, begun:end + ahead])[(start - begun) * SPEECH_HOP:]
+        self.queue.put(wave[:len(wave) - ahead * SPEECH_HOP], since)
+        self.done, self.chunks_made = end, self.chunks_made + 1
 
 
-def token2wav_for(model, speech: Speech, decoder: Decoder) -> Token2WavChunks:
-    """token2wav for this voice, its CUDA graphs captured when the decoder runs on CUDA graphs (said)."""
-    chunks = Token2WavChunks(model.token2wav, model.speaker_map[speech.speaker], seed=0)
-    chunks.speaker = speech.speaker
-    if decoder.kind in ("graph", "compiled"):
-        seconds = chunks.capture()
-        say(f"🔊 token2wav's windows ({', '.join(str(n) for n in chunks.window_lengths())} mel frames) and vocoder "
-            f"chunks ({', '.join(str(n) for n in chunks.vocoder_lengths())}) recorded as CUDA graphs in {seconds:.1f} s, "
-            "so that the first audio does not wait on them")
-    return chunks
+def widened(graphs: dict, length: int, end: int) -> int:
+    """Where a run over `length` frames ending at `end` starts: earlier, where that gives it the length of a
+    recorded graph (more context behind only)."""
+    wider = [recorded for recorded in graphs if length <= recorded <= end]
+    return end - (min(wider) if wider else length)
+
+
+def token2wav_for(model, speech: Speech, runtime: Runtime) -> Token2Wav:
+    """token2wav for this voice, its CUDA graphs recorded when the runtime runs on graphs (said)."""
+    token2wav = Token2Wav(model.token2wav, model.speaker_map[speech.speaker], runtime)
+    if runtime.graphs:
+        windows, lengths = SpeechChunks.graph_lengths(token2wav.block)
+        seconds = token2wav.capture(windows, lengths)
+        say(f"🔊 token2wav's windows ({', '.join(map(str, windows))} mel frames) and vocoder chunks "
+            f"({', '.join(map(str, lengths))}) recorded as CUDA graphs in {seconds:.1f} s, so that the first audio "
+            "does not wait on them")
+    return token2wav
 
 
 class SpokenReply:
-    """Qwen2.5-Omni's talker on the tool's decoding engine, fed the thinker's per-token states the way
-    transformers' full generate() feeds it (the prompt's last hidden states and embeddings, media zeroed,
-    then one generated token's hidden state plus embedding per code, then the text's end, then padding),
-    sampling with generate()'s own talker settings on the device; its codes made into speech in chunks as
-    they come. It starts after the thinker's second token and takes one step per text token read
-    (feed()), then runs on alone (finish())."""
+    """Qwen2.5-Omni's talker beside the thinker, fed the thinker's per-token states the way transformers' full
+    generate() feeds it (the prompt's last hidden states and embeddings, media zeroed, then one text token's
+    hidden state plus embedding per code, then the text's end, then padding), sampling with generate()'s own
+    talker settings (drawn where the runtime draws); its codes made into speech in chunks as they come, into
+    `audio`. Two calls, in this order: feed(state) for each text token's state as the thinker reads on (the
+    first feed starts the talker: its prompt, then its first code), finish() once the text has ended."""
 
-    def __init__(self, model, inputs, prompt_rows, speech: Speech, wav: Token2WavChunks, fused: bool,
-                 audio: AudioOut, extra: dict):
+    def __init__(self, loaded: Loaded, inputs, prompt_rows, first_token: int, audio: AudioOut, extra: dict):
         import torch
-        self.model, self.thinker, self.talker = model, model.thinker, model.talker
-        self.speech, self.voice = speech, model.speaker_map[speech.speaker]
-        self.inputs, self.prompt_rows, self.fused, self.audio, self.extra = inputs, prompt_rows, fused, audio, extra
-        prompt = inputs["input_ids"]
-        self.length, self.device = prompt.shape[-1] + 2, prompt.device   # the prompt, then codec pad and bos
-        self.codes = torch.zeros((1, self.length + speech.max_codes), dtype=torch.long, device=self.device)
-        self.codes[:, :self.length] = self.talker.codec_mask_token
-        self.codes[:, self.length - 2:self.length] = torch.tensor([self.talker.codec_pad_token,
-                                                                     self.talker.codec_bos_token])
-        self.finite = torch.ones_like(self.codes, dtype=torch.bool)
+        model, self.runtime, self.speech = loaded.model, loaded.runtime, loaded.speech
+        self.thinker, self.talker, self.voice = model.thinker, model.talker, model.speaker_map[self.speech.speaker]
+        self.inputs, self.prompt_rows, self.first_token, self.audio, self.extra = \
+            inputs, prompt_rows, first_token, audio, extra
+        self.chunks = SpeechChunks(loaded.token2wav, self.speech.max_codes)
+        device, talker = prompt_rows.device, self.talker
+        self.prompt = torch.full((1, inputs["input_ids"].shape[-1] + 2), talker.codec_mask_token, device=device)
+        self.prompt[:, -2:] = torch.tensor([talker.codec_pad_token, talker.codec_bos_token])   # then pad, bos
         defaults = {name.removeprefix("talker_"): parameter.default for name, parameter
                     in inspect.signature(type(model).generate).parameters.items() if name.startswith("talker_")}
-        settings = {**defaults, "max_new_tokens": speech.max_codes, "min_new_tokens": speech.min_codes,
-                    "pad_token_id": self.talker.codec_pad_token, "suppress_tokens": [self.talker.codec_bos_token]}
-        self.sampler = Sampler(_decoding_settings(self.talker, settings, self.codes[:, :self.length]))
+        self.settings = {**defaults, "max_new_tokens": self.speech.max_codes, "min_new_tokens": self.speech.min_codes,
+                         "pad_token_id": talker.codec_pad_token, "suppress_tokens": [talker.codec_bos_token]}
         embed = self.thinker.get_input_embeddings()
-        self.eos_row, self.pad_row = (embed(torch.tensor([token], device=self.device)) for token in
-                                      (self.talker.text_eos_token, self.talker.text_pad_token))
-        self.steps, self.made, self.read, self.total = None, 0, 0, None   # codes made, read back; the end
-        self.wav_s = 0.0                                                     # seconds starting token2wav
-        self.wav = wav
-        wav.begin(speech.max_codes)
+        self.eos_row, self.pad_row = (embed(torch.tensor([token], device=device)) for token in
+                                      (talker.text_eos_token, talker.text_pad_token))
+        self.row = torch.zeros_like(self.eos_row)   # what the talker reads at its next step
+        self.codes: Decoding | None = None          # the talker's codes, from the first feed on
+        self.read, self.total = 0, None             # codes read back; where they end, once known
+        self.wav_s = 0.0                            # the host's time starting chunks
 
-    def start(self, first_token: int, row) -> None:
-        """The talker's prompt and its first code, once the thinker has processed its first token."""
+    def feed(self, state) -> None:
+        """A text token's state (its final hidden state plus its embedding) for the talker's next code; the
+        speech of the codes made so far when a chunk is due."""
+        if self.codes is None:
+            self._start(state)
+        elif self.total is None and self.codes.made < self.codes.budget:
+            self.row.copy_(state.view(1, -1))
+            self.codes.advance()
+        self._flush()
+
+    def finish(self) -> dict:
+        """After the thinker's last token: the text's end, then padding, until the talker ends; then the last
+        chunks. Returns the figures: codes, the talker's milliseconds a code (timed here, where it no longer
+        waits on the thinker; the host's time starting token2wav left out) and token2wav's seconds."""
+        start, made, wav_s = time.perf_counter(), self.codes.made, self.wav_s
+        for row in itertools.chain([self.eos_row], itertools.repeat(self.pad_row)):
+            if self.total is not None or self.codes.made >= self.codes.budget:
+                break
+            self.feed(row)
+        alone = time.perf_counter() - start - (self.wav_s - wav_s)
+        self._flush(final=True)
+        return {"speech_codes": self.total or 0, "token2wav_s": self.chunks.queue.seconds,
+                "talker_ms_per_code": 1000 * alone / (self.codes.made - made) if self.codes.made > made else None}
+
+    def _start(self, state) -> None:
+        """The talker's prompt through its forward, once the thinker has processed its first token; its first code."""
         import torch
-        inputs, rows = self.inputs, self.prompt_rows
-        text_ids = torch.cat((inputs["input_ids"], torch.tensor([[self.voice["bos_token"], first_token]],
-                                                                 device=self.device)), dim=1)
-        embeds = torch.cat((rows, self.thinker.get_input_embeddings()(text_ids[:, -2:-1]), row.view(1, 1, -1)), dim=1)
+        inputs, talker, device = self.inputs, self.talker, self.prompt.device
+        text_ids = torch.cat((inputs["input_ids"], torch.tensor([[self.voice["bos_token"], self.first_token]],
+                                                                 device=device)), dim=1)
+        embeds = torch.cat((self.prompt_rows, self.thinker.get_input_embeddings()(text_ids[:, -2:-1]),
+                            state.view(1, 1, -1)), dim=1)
         mask = inputs.get("attention_mask")
         extra = {key: inputs[key] for key in ("image_grid_thw", "video_grid_thw", "video_second_per_grid")
                  if key in inputs}
         if "feature_attention_mask" in inputs:
             extra["audio_feature_lengths"] = inputs["feature_attention_mask"].sum(dim=1)
-        out = self.talker(input_ids=self.codes[:, :self.length], input_text_ids=text_ids, inputs_embeds=embeds,
-                          attention_mask=None if mask is None else torch.cat((mask, mask.new_ones((1, 2))), dim=1),
-                          use_audio_in_video=self.extra.get("use_audio_in_video", False), use_cache=True, **extra)
-        choose_token(self.sampler, self.codes, out.logits[:, -1].float(), self.finite, self.length)
-        cache = cache_of(out)
-        self.reply = torch.zeros_like(row.view(1, -1))
-        talker = self.talker
-        self.steps = FastDecoder(talker, cache, self.length, self.speech.max_codes, self.fused, decoder=talker.model,
-                                 head=talker.codec_head, embed=lambda code: talker.thinker_to_talker_proj(
-                                     talker.model.embed_tokens(code).view(1, -1) + self.reply))
-        if self.fused:
-            self.steps.capture()
-        self.made = 1
+        out = talker(input_ids=self.prompt, input_text_ids=text_ids, inputs_embeds=embeds,
+                     attention_mask=None if mask is None else torch.cat((mask, mask.new_ones((1, 2))), dim=1),
+                     use_audio_in_video=self.extra.get("use_audio_in_video", False), use_cache=True, **extra)
 
-    def step(self, row) -> None:
-        """One more code, the talker reading `row` (a text token's state, the text's end, or padding)."""
-        if self.made >= self.speech.max_codes or self.total is not None:
-            return
-        slot = self.length + self.made
-        self.reply.copy_(row.view(1, -1))
-        choose_token(self.sampler, self.codes, self.steps.logits_at(self.codes[:, slot - 1], slot - 1), self.finite,
-                     slot)
-        self.made += 1
+        def embed(code):   # the code's embedding plus what the talker reads of the thinker at this step
+            return talker.thinker_to_talker_proj(talker.model.embed_tokens(code).view(1, -1) + self.row)
+        self.codes = Decoding(self.runtime, talker, self.settings, self.prompt, out, decoder=talker.model,
+                              head=talker.codec_head, embed=embed)
 
-    def flush(self, final: bool = False) -> None:
-        """Read the codes made so far when a chunk of speech is due (or at the end), and make it."""
-        wav = self.wav
-        for samples in wav.ready():
+    def _flush(self, final: bool = False) -> None:
+        """Read the codes made so far when a chunk of speech is due (or at the end), and start its speech."""
+        for samples in self.chunks.ready():
             self.audio.add(samples)
-        if not final and (self.made < wav.codes_due() or self.total is not None):
+        if not final and (self.codes.made < self.chunks.codes_due() or self.total is not None):
             return
         if self.total is None:
-            new = self.codes[0, self.length + self.read:self.length + self.made].tolist()
-            if not bool(self.finite[0, self.length + self.read:self.length + self.made].all()):
-                raise NonFiniteLogits()
-            ends = [i for i, code in enumerate(new) if code in self.sampler.end]
+            new = self.codes.take()   # every code made so far
+            ends = [i for i, code in enumerate(new) if code in self.codes.end]
             self.read += len(new)
-            if ends or self.made >= self.speech.max_codes:
-                self.total = self.read - len(new) + ends[0] if ends else self.made
-        available = self.total if self.total is not None else self.read
+            if ends or self.codes.made >= self.codes.budget:
+                self.total = self.read - len(new) + ends[0] if ends else self.codes.made
         start = time.perf_counter()
-        for samples in wav.add(self.codes[:, self.length:], available, final or self.total is not None):
+        available = self.total if self.total is not None else self.read
+        for samples in self.chunks.add(self.codes.generated, available, final or self.total is not None):
             self.audio.add(samples)
         self.wav_s += time.perf_counter() - start
 
-    def finish(self, text_tokens: int) -> dict:
-        """After the thinker's last token: the text's end, then padding, until the talker ends. Returns the
-        figures: codes, the talker's milliseconds a code (timed here, where it no longer waits on the
-        thinker; the host's time starting token2wav left out) and token2wav's seconds."""
-        start, codes, wav_s = time.perf_counter(), self.made, self.wav_s
-        while self.total is None and self.made < self.speech.max_codes:
-            self.step(self.eos_row if self.made == text_tokens - 1 else self.pad_row)
-            self.flush()
-        alone = time.perf_counter() - start - (self.wav_s - wav_s)
-        self.flush(final=True)
-        return {"speech_codes": self.total or 0, "token2wav_s": self.wav.seconds,
-                "talker_ms_per_code": 1000 * alone / (self.made - codes) if self.made > codes else None}
 
-
-def fast_speech(loaded, inputs, sampling: Sampling, streamer, extra: dict, speech: Speech, audio: AudioOut) -> dict:
-    """The thinker through the fast decoder, keeping each token's state for the talker; the talker stepped
-    once per text token as the text streams, then alone; speech in chunks to `audio`. Returns its figures."""
+def fast_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dict, audio: AudioOut) -> dict:
+    """The thinker through a Decoding, keeping each token's state for the talker; the talker fed once per text
+    token as the text streams, then alone; speech in chunks to `audio`. Returns its figures."""
     import torch
-    model, decoder = loaded.model, loaded.decoder
-    thinker, prompt = model.thinker, inputs["input_ids"]
-    length, budget = prompt.shape[-1], sampling.max_new_tokens
-    sampler = Sampler(_decoding_settings(thinker, sampling.generate_kwargs(), prompt), decoder.draw_on_cpu)
-    ids = torch.zeros((1, length + budget), dtype=torch.long, device=prompt.device)
-    ids[:, :length] = prompt
-    finite = torch.ones_like(ids, dtype=torch.bool)
+    thinker, prompt = loaded.model.thinker, inputs["input_ids"]
     streamer.put(prompt.cpu())
     out = thinker(**inputs, **extra, use_cache=True, output_hidden_states=True)
     media = torch.isin(prompt, torch.tensor([getattr(thinker.config, name, -1) for name in (
         "audio_token_index", "image_token_index", "video_token_index")], device=prompt.device))
     rows = out.hidden_states[-1] + out.hidden_states[0].masked_fill(media[..., None], 0)   # as transformers' talker
-    choose_token(sampler, ids, out.logits[:, -1].float(), finite, length)
-    if not bool(finite[0, length]):
-        raise NonFiniteLogits()
-    first = int(ids[0, length])
-    streamer.put(torch.tensor([first]))
-    if first in sampler.end or budget == 1:
-        raise RunError("the model's answer has no text to speak (it ended at once, or --max_new_tokens is 1); "
-                       "ask again, or raise --max_new_tokens")
-    fused = decoder.kind in ("graph", "compiled")
-    states = torch.zeros((budget, rows.shape[-1]), dtype=rows.dtype, device=prompt.device)
-    steps = FastDecoder(thinker, cache_of(out), length, budget, fused, decoder.kind == "compiled", states=states)
-    if loaded.token2wav is None or loaded.token2wav.speaker != speech.speaker:
-        loaded.token2wav = token2wav_for(model, speech, decoder)
-    reply = SpokenReply(model, inputs, rows, speech, loaded.token2wav, fused, audio, extra)
+    states = torch.zeros((sampling.max_new_tokens, rows.shape[-1]), dtype=rows.dtype, device=prompt.device)
+    text = Decoding(loaded.runtime, thinker, sampling.generate_kwargs(), prompt, out, states=states)
     del out
-    if fused:
-        steps.capture()
-    made = 1
-    for made, token in enumerate(decode_tokens(steps.logits_at, sampler, ids, length + 1, length + budget,
-                                               decoder.lag), start=2):
+    reply = None
+    for index, token in enumerate(text):
         streamer.put(torch.tensor([token]))
-        reply.start(first, states[0]) if made == 2 else reply.step(states[made - 2])
-        reply.flush()
-        if token in sampler.end:
+        if reply is not None:
+            reply.feed(states[index - 1])   # the state of the token before: the step that read it made it
+        elif token in text.end or text.budget == 1:
+            raise RunError("the model's answer has no text to speak (it ended at once, or --max_new_tokens is 1); "
+                           "ask again, or raise --max_new_tokens")
+        else:
+            reply = SpokenReply(loaded, inputs, rows, token, audio, extra)
+        if token in text.end:
             break
     streamer.end()
-    return reply.finish(made)
+    return reply.finish()
 
 
 # --- 11. an answer: generated, streamed, timed ---------------------------------------------------
@@ -3032,41 +3170,37 @@ class Answer:
     speech_figures: dict = dataclasses.field(default_factory=dict)   # the talker's and token2wav's
 
 
-def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, speech: Speech | None = None,
-                    use_audio_in_video: bool = False) -> Answer:
-    """Generate with the decoder chosen at load time, printing the answer to stdout as it comes,
-    once at the end, or not at all (--json); with `speech`, the full Omni model also speaks it.
-    Ctrl-C raises Interrupted with the text so far."""
+def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_audio_in_video: bool = False) -> Answer:
+    """Generate as the runtime decided at load time, printing the answer to stdout as it comes, once at the
+    end, or not at all (--json); when it speaks, the spoken reply too. Ctrl-C raises Interrupted with the
+    text so far."""
+    runtime, model, speech = loaded.runtime, loaded.model, loaded.speech
     streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM)
-    model = loaded.model
     extra = {"use_audio_in_video": True} if use_audio_in_video else {}   # Omni interleaves a video's sound
     start = time.perf_counter()
-    audio, figures = AudioOut(speech.play, start) if speech else None, {}
+    audio, figures = AudioOut(speech.play, start) if runtime.speaks else None, {}
     try:
-        if loaded.decoder.speaks:
-            figures = fast_speech(loaded, inputs, sampling, streamer, extra, speech, audio)
-        elif loaded.decoder.fast:
-            fast_generate(model, inputs, sampling, streamer, extra, loaded.decoder)
-        elif speech is None:
-            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer,
-                           logits_processor=finite_guard())
-        else:   # the whole reply at once, at the end
+        if runtime.fast and runtime.speaks:
+            figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio)
+        elif runtime.fast:
+            fast_generate(runtime, model, inputs, sampling, streamer, extra)
+        elif runtime.speaks:   # the whole reply at once, at the end
             _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
             audio.add(wav.reshape(-1).float().cpu().numpy())
+        else:
+            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer,
+                           logits_processor=finite_guard())
     except BaseException as exc:   # out of memory, Ctrl-C: the answer so far keeps its line, then it rises
         if audio:
             audio.close(drain=False)
-        if streamer.text and not isinstance(exc, OutputClosed):
-            stopped = show == SHOW_ONCE and isinstance(exc, (KeyboardInterrupt, Terminated))
-            write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n" if stopped else "")
+        end_answer(show, streamer.text, exc)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
             raise Interrupted(streamer.text) from exc
         if isinstance(exc, NonFiniteLogits):
             raise NonFiniteLogits(streamer.text) from exc
         raise
     end = time.perf_counter()
-    if show != SHOW_NONE:
-        write_stdout("\n" if show == SHOW_STREAM else streamer.text + "\n")
+    end_answer(show, streamer.text)
     wav = audio.close(drain=True) if audio else None   # with --play, once it has been heard
     return Answer(streamer.text, wav, int(inputs["input_ids"].shape[-1]), tuple(streamer.token_times), start, end,
                   audio.first_s if audio else None, figures)
@@ -3118,6 +3252,11 @@ class Stats:
     speech_codes: int | None = None      # the talker's codes, 50 a second
     talker_ms_per_code: float | None = None
     token2wav_s: float | None = None
+
+    def record(self) -> dict:
+        """The figures for --json (where the weights went and their dtype are in its reproducibility record)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name not in ("peak_memory_kind", "device_map", "dtype")}
 
     @property
     def real_time_factor(self) -> float | None:
@@ -3210,18 +3349,17 @@ def write_wav(path: Path, samples, rate: int) -> None:
                                                              format="WAV"))
 
 
-def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media,
-           speech: Speech | None = None) -> Outcome:
-    """One turn: inputs through the processor, generation, the spoken reply if asked for."""
+def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media) -> Outcome:
+    """One turn: inputs through the processor, generation, the spoken reply when the runtime speaks."""
     import torch
     sampling = effective_sampling(loaded.model.generation_config, options.sampling)
     inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
     wanted = fit_context(options.sampling, facts.context_window, int(inputs["input_ids"].shape[-1]), facts.model_id)
     use_audio_in_video = bool(media.use_audio_in_video and media.videos)
     with torch.inference_mode():
-        result = generate_answer(loaded, inputs, wanted, options.show, speech, use_audio_in_video)
+        result = generate_answer(loaded, inputs, wanted, options.show, use_audio_in_video)
     stats = stats_of(result, loaded, media.decode_s)
-    if not options.speech:
+    if not loaded.runtime.speaks:
         return Outcome(result.text, stats, sampling)
     if result.wav is None or not len(result.wav):
         raise RunError("the model answered in text but produced no speech" + (", so no WAV was written" if
@@ -3234,17 +3372,6 @@ def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, 
     write_wav(options.output_audio, result.wav, SPEECH_SAMPLE_RATE)
     say(f"🔊 Wrote {stats.audio_seconds:.1f} s of speech to {options.output_audio}")
     return Outcome(result.text, stats, sampling, options.output_audio)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM, MPS 'out of memory', failed CPU allocations."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
-
-
-DAMAGED = ("the logits turned NaN or infinite in {dtype}, so the answer would be wrong; the checkpoint looks damaged "
-           "(check its files, or try another copy)")
 
 
 def with_fallbacks(step, plan: Plan, hw: Hardware, facts: ModelFacts, options: Options, workload: Workload):
@@ -3288,35 +3415,19 @@ def answer_once(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, op
     def attempt(attempt_plan: Plan) -> Outcome:
         loaded = load(info, attempt_plan, hw, options, speech)
         try:
-            return answer(loaded, options, facts, messages, media, speech)
+            return answer(loaded, options, facts, messages, media)
         finally:
             del loaded   # not kept alive by a traceback while the retry loads its own copy
     return with_fallbacks(attempt, plan, hw, facts, options, workload_of(options, media))
 
 
-STATS_RECORDED = ("load_s", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "peak_memory_bytes",
-                  "device", "media_decode_s", "decode_s", "second_token_s", "speech_s", "audio_seconds",
-                  "first_audio_s", "speech_codes", "talker_ms_per_code", "token2wav_s")
-
-
-def result_record(info: ModelInfo, plan_record: dict, outcome: Outcome, seed: int | None) -> dict:
-    """--json: the answer, the plan, the figures and what it takes to reproduce the run."""
-    import accelerate
-    import torch
-    import transformers
-    stats = outcome.stats
-    return {
-        "text": outcome.text,
-        "audio_path": str(outcome.audio_path) if outcome.audio_path else None,
-        "plan": plan_record,
-        "stats": {name: getattr(stats, name) for name in STATS_RECORDED},
-        "reproducibility": {
-            "model_id": info.model_id, "revision": info.revision or None, "path": info.path,
-            "dtype": stats.dtype, "device_map": stats.device_map, "seed": seed, "sampling": outcome.sampling,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-        },
-    }
+def answer_record(outcome: Outcome, plan_record: dict | None, reproducibility: dict, packages: tuple) -> dict:
+    """--json: the answer, the plan, the figures and what it takes to reproduce the run (never an API key)."""
+    versions = {"python": platform.python_version(),
+                **{name: importlib.import_module(name).__version__ for name in packages}}
+    return {"text": outcome.text, "audio_path": str(outcome.audio_path) if outcome.audio_path else None,
+            "plan": plan_record, "stats": outcome.stats.record(),
+            "reproducibility": {**reproducibility, "versions": versions}}
 
 
 # --- 13. a serving engine: the same command over the OpenAI protocol (--server) -------------
@@ -3462,17 +3573,14 @@ def server_answer(client, options: Options, messages: list[dict], show: str) -> 
                     if show == SHOW_STREAM:
                         write_stdout(choice.delta.content)
     except BaseException as exc:   # the answer so far keeps its line; the error is said after it
-        text = "".join(parts)
-        if text and not isinstance(exc, OutputClosed):
-            write_stdout("\n" if show == SHOW_STREAM else text + "\n" if show == SHOW_ONCE else "")
+        end_answer(show, "".join(parts), exc)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
-            raise Interrupted(text) from exc
+            raise Interrupted("".join(parts)) from exc
         if isinstance(exc, Exception):
             raise server_error(exc, client, options, bool(parts)) from exc
         raise
     text = "".join(parts)
-    if show != SHOW_NONE:
-        write_stdout("\n" if show == SHOW_STREAM else text + "\n")
+    end_answer(show, text)
     new = usage.completion_tokens if usage else len(parts)   # without usage, a streamed piece is about a token
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     stats = Stats(device=options.server, load_s=None, prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -3482,46 +3590,9 @@ def server_answer(client, options: Options, messages: list[dict], show: str) -> 
     return Outcome(text, stats, {**sampling, **extra, "served_model": served})
 
 
-def server_record(options: Options, outcome: Outcome) -> dict:
-    """--json with --server: the answer, the figures, and what it takes to ask again (never the key)."""
-    import openai
-    stats = outcome.stats
-    return {"text": outcome.text, "audio_path": None, "plan": None,
-            "stats": {name: getattr(stats, name) for name in STATS_RECORDED},
-            "reproducibility": {"server": options.server, "model_id": options.model_id,
-                                "served_model": outcome.sampling.get("served_model"), "seed": options.seed,
-                                "sampling": {k: v for k, v in outcome.sampling.items() if k != "served_model"},
-                                "versions": {"python": platform.python_version(), "openai": openai.__version__}}}
-
-
 def server_info(options: Options) -> ModelInfo:
     """The served model as the chat sees it: any input may go; the engine says what it refuses."""
     return ModelInfo(options.model_id, "", "multimodal", frozenset({"text", "image", "audio", "video"}))
-
-
-def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: Workload) -> list[str]:
-    """For a model too big for this machine (or a --hardware GPU server): the vLLM command that would serve
-    it, sized from its bfloat16 weights and this request's cache over the GPUs described (ENGINE_GPU_GB
-    each if none), and the --server command that reaches it."""
-    pre = facts.prequantized   # an engine serves a checkpoint saved quantized as it is
-    estimate = estimate_memory(facts, loading_components(facts, False), "bfloat16", f"{pre.bits}bit" if pre else None,
-                               options, workload, pre.method if pre else "bitsandbytes")
-    need = estimate.total
-    gpu = min(device.total_bytes for device in hw.cuda) if hw.cuda else ENGINE_GPU_GB * GB
-    usable = gpu * ENGINE_MEMORY_SHARE * 0.8   # and a fifth of that for the engine's own cache and activations
-    splits = [n for n in (1, 2, 4, 8) if not facts.attention_heads or facts.attention_heads % n == 0]
-    tensor = next((n for n in splits if need / n <= usable), splits[-1])
-    stages = math.ceil(need / (tensor * usable))
-    length = min(facts.context_window or 32768, max(4096, math.ceil(estimate.context_tokens / 1024) * 1024))
-    command = f"vllm serve {facts.model_id} --tensor-parallel-size {tensor}" + (
-        f" --pipeline-parallel-size {stages}" if stages > 1 else "") + f" --max-model-len {length}"
-    where = f"{tensor * stages} GPU{'s' if tensor * stages > 1 else ''} of {format_bytes(gpu)}" + (
-        f" on {stages} machines (Ray)" if stages > 1 else "")
-    precision = pre.label if pre else "bfloat16"
-    return [f"🚀 A GPU server can serve it ({format_bytes(need)} in {precision}; {where}): {command}",
-            f"   (SGLang: python -m sglang.launch_server --model-path {facts.model_id} --tp {tensor}); then, "
-            f"from here: python run_multimodal.py --server http://SERVER:8000/v1 --model_id {facts.model_id} "
-            "--prompt \"...\""]
 
 
 def serve_once(options: Options, media: Media) -> int:
@@ -3532,7 +3603,11 @@ def serve_once(options: Options, media: Media) -> int:
     outcome = server_answer(client, options, messages, options.show)
     say(describe_stats(outcome.stats))
     if options.json:
-        write_stdout(json.dumps(server_record(options, outcome), indent=2, ensure_ascii=False) + "\n")
+        sampling = {key: value for key, value in outcome.sampling.items() if key != "served_model"}
+        record = answer_record(outcome, None, {"server": options.server, "model_id": options.model_id,
+                                               "served_model": outcome.sampling.get("served_model"),
+                                               "seed": options.seed, "sampling": sampling}, ("openai",))
+        write_stdout(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
 
 
@@ -3780,6 +3855,7 @@ def self_test(hw: Hardware, options: Options) -> int:
         plan = choose_plan(hw, facts, options)
         for line in plan.reasons:
             say(line)
+        say("🧪 Its answer on stdout comes from random weights: gibberish is what a working installation prints")
         stats = answer_once(info, facts, plan, hw, options, Media(), None).stats
     say(describe_stats(stats))
     if stats.new_tokens < 1:
@@ -3804,15 +3880,12 @@ def run(args: argparse.Namespace) -> int:
         return server_chat(options, media) if options.interactive else serve_once(options, media)
 
     # Everything the user typed is checked before anything heavy happens.
-    if options.output_audio:
-        check_output_audio(options.output_audio)
-    if options.play and not options.dry_run:
-        check_play()
+    check_speech_outputs(options)
     media = load_media(options)
     info = resolve_model(options.model_id)
     check_modalities(options, info)
     check_checkpoint(info, options)
-    speech = choose_speaker(options, info) if options.speech and not options.dry_run else None
+    speech = choose_speech(options, info)
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
     quiet_libraries(options.debug)
@@ -3823,7 +3896,7 @@ def run(args: argparse.Namespace) -> int:
     check_device_available(hw, options)
     for line in describe_hardware(hw):
         say(line)
-    say(describe_model(info, facts, loading_components(facts, options.speech)))
+    say(describe_model(info, facts, loading_components(facts, options.speaks)))
     plan = choose_plan(hw, facts, options, workload_of(options, media))
     for line in plan.reasons:
         say(line)
@@ -3842,24 +3915,13 @@ def run(args: argparse.Namespace) -> int:
     if options.verbose:
         say(describe_stages(outcome.stats))
     if options.json:
-        write_stdout(json.dumps(result_record(info, plan_as_dict(facts, plan, hw), outcome, options.seed),
-                                indent=2, ensure_ascii=False) + "\n")
+        stats = outcome.stats
+        record = answer_record(outcome, plan_as_dict(facts, plan, hw), {
+            "model_id": info.model_id, "revision": info.revision or None, "path": info.path, "dtype": stats.dtype,
+            "device_map": stats.device_map, "seed": options.seed, "sampling": outcome.sampling},
+            ("torch", "transformers", "accelerate"))
+        write_stdout(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
-
-
-def dry_run(facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
-    """--dry_run: the plan; for a model too big here (or a --hardware GPU server) the serving engine's
-    command; last, whether a real run would go ahead."""
-    for line in describe_plan(plan):
-        say(line)
-    if options.json:
-        write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
-    if not plan.fits or (hw.simulated and hw.cuda):
-        for line in engine_command(facts, hw, options, workload_of(options, media)):
-            say(line)
-    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
-        "✅ Dry run: no weights were loaded; a real run would follow this plan")
-    return EXIT_OK if plan.fits else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:

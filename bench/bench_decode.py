@@ -112,9 +112,9 @@ def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wan
     plan = rm.Plan(args.device, args.dtype, None, "", ())
 
     def tool(**flags):
-        def run():   # the decoder is chosen as a run of the tool chooses it, when first needed
-            decoder = rm.choose_decoder(model, args.device, rm.Options(sampling=sampling, **flags))
-            loaded = rm.Loaded(model, processor, plan, 0.0, {}, decoder)
+        def run():   # the runtime is decided as a run of the tool decides it, when first needed
+            runtime = rm.choose_runtime(model, args.device, rm.Options(sampling=sampling, **flags))
+            loaded = rm.Loaded(model, processor, plan, 0.0, {}, runtime)
             return rm.stats_of(rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE), loaded, 0.0)
         return run
 
@@ -159,10 +159,10 @@ def bench_model(label, model, processor, inputs, args, bandwidth, gemv, runs_wan
             def end(self):
                 pass
 
-        decoder = rm.choose_decoder(model, args.device, rm.Options(sampling=sampling,
+        runtime = rm.choose_runtime(model, args.device, rm.Options(sampling=sampling,
                                                                   compile_layers="compiled" in runs_wanted))
         with torch.inference_mode():
-            rm.fast_generate(model, inputs, sampling, Collect(), {}, decoder)
+            rm.fast_generate(runtime, model, inputs, sampling, Collect(), {})
         fast_tokens = streamer_tokens[prompt_length:]
         reference = tokens_seen[()]
         print(f"  greedy tokens, fast decoder vs plain generate: {same_prefix(fast_tokens, reference)} of "

@@ -19,6 +19,7 @@ when the GPU made it; --schedule and --priority try other chunk sizes and stream
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -70,59 +71,61 @@ def main() -> None:
 
     start = time.perf_counter()
     model, processor = rm.load_model(info, plan, hw)
-    loaded = rm.Loaded(model, processor, plan, 0.0, {}, rm.choose_decoder(model, plan.device, options))
-    print(f"load {time.perf_counter() - start:.1f} s; decoder {loaded.decoder.kind}")
+    speech = rm.Speech("Chelsie", max_codes=codes, min_codes=codes)
+    runtime = rm.choose_runtime(model, plan.device, options)
+    loaded = rm.Loaded(model, processor, plan, 0.0, {}, runtime, speech)
+    print(f"load {time.perf_counter() - start:.1f} s; decoder {runtime.decoder}")
     media = rm.Media()
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
                                model.device, media)
-    speech = rm.Speech("Chelsie", max_codes=codes, min_codes=codes)
     made = {}   # the codes token2wav was given and the reply's waveform, per label
-    add = rm.Token2WavChunks.add
+    add = rm.SpeechChunks.add
 
     def tool(label: str, graphs: bool) -> None:
-        if graphs:
-            loaded.token2wav = rm.token2wav_for(model, speech, loaded.decoder)   # as load() does: at load time
+        if graphs:   # as load() does: at load time
+            token2wav = rm.token2wav_for(model, speech, runtime)
         else:
-            loaded.token2wav = rm.Token2WavChunks(model.token2wav, model.speaker_map[speech.speaker], seed=0)
-            loaded.token2wav.speaker = speech.speaker
+            token2wav = rm.Token2Wav(model.token2wav, model.speaker_map[speech.speaker], runtime)
         if args.priority is not None and cuda:
-            loaded.token2wav.stream = torch.cuda.Stream(priority=args.priority)
+            token2wav.queue.stream = torch.cuda.Stream(priority=args.priority)
+        speaking = dataclasses.replace(loaded, token2wav=token2wav)
         seen = {}
 
         def spy_add(self, all_codes, available, final):
             seen["codes"] = all_codes[0, :available].clone()
             return add(self, all_codes, available, final)
-        chunk, ready, timeline = rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready, []
+        chunk, ready, timeline = rm.SpeechChunks._chunk, rm.SpeechChunks.ready, []
 
         def spy_chunk(self, codes, frames):   # when each chunk was started, how long that took the host
             begun = time.perf_counter()
-            made = chunk(self, codes, frames)
-            timeline.append(("chunk", begun - base_s, time.perf_counter() - begun, made[0], made[1]))
-            return made
+            chunk(self, codes, frames)
+            _, end, since = self.queue.items[-1] if cuda else (None, None, None)
+            timeline.append(("chunk", begun - base_s, time.perf_counter() - begun, since, end))
 
-        def spy_ready(self, wait=False):
+        def spy_ready(self):
             begun = time.perf_counter()
-            out = ready(self, wait)
-            if wait:
-                timeline.append(("wait", begun - base_s, time.perf_counter() - begun, None, None))
+            out = ready(self)
+            timeline.append(("ready", begun - base_s, time.perf_counter() - begun, None, None))
             return out
-        rm.Token2WavChunks.add, rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready = spy_add, spy_chunk, spy_ready
+        rm.SpeechChunks.add, rm.SpeechChunks._chunk, rm.SpeechChunks.ready = spy_add, spy_chunk, spy_ready
         try:
             torch.manual_seed(0)
             base = torch.cuda.Event(enable_timing=True) if cuda else None
             base_s = time.perf_counter()
             if base is not None:
                 base.record()
-            answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, speech)
+            answer = rm.generate_answer(speaking, inputs, sampling, rm.SHOW_NONE)
         finally:
-            rm.Token2WavChunks.add, rm.Token2WavChunks._chunk, rm.Token2WavChunks.ready = add, chunk, ready
+            rm.SpeechChunks.add, rm.SpeechChunks._chunk, rm.SpeechChunks.ready = add, chunk, ready
         if args.timeline:
             for kind, at, took, begun, ended in timeline:
+                if kind == "ready" and took < 1e-3:
+                    continue   # a look that found nothing to wait for
                 gpu = (f"; on the GPU {base.elapsed_time(begun) / 1000:.3f}-{base.elapsed_time(ended) / 1000:.3f} s"
                        if begun is not None else "")
                 print(f"    {kind} at {at:.3f} s, the host busy {1000 * took:.1f} ms{gpu}")
         made[label] = seen["codes"], answer.wav
-        stats = rm.stats_of(answer, loaded, 0.0)
+        stats = rm.stats_of(answer, speaking, 0.0)
         total, seconds = answer.end - answer.start, len(answer.wav) / rm.SPEECH_SAMPLE_RATE
         print(f"{label:<22} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
               f"first audio {answer.first_audio_s:.3f} s from the start, "
@@ -130,7 +133,7 @@ def main() -> None:
               f"{stats.ttft_s:.3f} s); text {stats.new_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s "
               f"with the talker; talker alone {stats.talker_ms_per_code:.2f} ms a code; token2wav "
               f"{stats.token2wav_s:.2f} s in all{' (GPU time, beside the talker)' if cuda else ''}, "
-              f"{loaded.token2wav.made} chunks of {rm.SPEECH_CHUNK_SCHEDULE} blocks")
+              f"{sum(kind == 'chunk' for kind, *_ in timeline)} chunks of {rm.SPEECH_CHUNK_SCHEDULE} blocks")
 
     def plain(label: str) -> None:
         torch.manual_seed(0)
@@ -168,12 +171,10 @@ def main() -> None:
     eager = made[f"tool, token2wav eager #{args.repeats}"][1]
     voice = model.speaker_map["Chelsie"]
     with torch.inference_mode():
-        whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
-        whole.begin(len(made_codes))
-        mel = whole.solve(made_codes.view(1, -1), 0, 2 * len(made_codes))
+        whole = rm.Token2Wav(model.token2wav, voice, runtime)
+        mel = whole.solve(rm.SpeechChunks(whole, len(made_codes)).noise, made_codes.view(1, -1))
         wave = whole.vocode(mel).cpu().numpy()
-        again = rm.token2wav_for(model, speech, loaded.decoder)
-        again.begin(len(made_codes))
+        again = rm.SpeechChunks(rm.token2wav_for(model, speech, runtime), len(made_codes))
         again.add(made_codes.view(1, -1), len(made_codes), final=True)
         sync()
     same_codes = torch.equal(made_codes, made[f"tool, token2wav eager #{args.repeats}"][0])

@@ -59,10 +59,10 @@ def main() -> None:
         model, tokenizer = rm.load_model(info, rm.Plan("cpu", args.dtype, None, "", ()), rm.simulated_hardware("cpu:64"))
     inputs = rm.prepare_inputs(tokenizer, rm.build_messages("Hello there", None, rm.Media(), "text"), model.device)
     length = inputs["input_ids"].shape[-1]
-    decoder = rm.choose_decoder(model, "cpu", rm.Options(sampling=rm.Sampling(8, temperature=0)))
+    runtime = rm.choose_runtime(model, "cpu", rm.Options(sampling=rm.Sampling(8, temperature=0)))
     with torch.inference_mode():
         out = model(**inputs, use_cache=True)
-        steps = rm.FastDecoder(model, out.past_key_values, length, 8, fused=decoder.kind != "step")
+        steps = rm.FastDecoder(model, out.past_key_values, length, 8, masked=runtime.graphs)
         token = out.logits[:, -1].argmax(-1)
         steps.logits_at(token, length)          # a first step, uncounted
         with Count() as count:
@@ -72,7 +72,7 @@ def main() -> None:
     if args.by_op:
         for name, n in count.ops.most_common():
             print(f"{n:6d}  {name}")
-    print(f"{args.config}, {args.dtype}, the '{decoder.kind}' decoder, torch {torch.__version__}")
+    print(f"{args.config}, {args.dtype}, the '{runtime.decoder}' decoder, torch {torch.__version__}")
     print(f"{total / layers:.1f} ops per layer per token ({total} in all, {layers} layers)")
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     info = rm.resolve_model(sys.argv[1])
     plan = rm.Plan("cuda", "bfloat16", None, "small", ())
     model, tokenizer = rm.load_model(info, plan, rm.detect_hardware())
-    loaded = rm.Loaded(model, tokenizer, plan, 0.0, {}, rm.choose_decoder(model, "cuda", rm.Options()))
+    loaded = rm.Loaded(model, tokenizer, plan, 0.0, {}, rm.choose_runtime(model, "cuda", rm.Options()))
     messages = rm.build_messages("Explain quantum computing in simple terms", None, rm.Media(), "text")
     inputs = rm.prepare_inputs(tokenizer, messages, model.device)
     for name in ("first", "second"):

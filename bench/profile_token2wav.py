@@ -50,20 +50,23 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    runtime = rm.Runtime("cuda", "graph", "")
+    block = token2wav.code2wav_dit_model.block_size
+    windows, lengths = rm.SpeechChunks.window_lengths(block), rm.SpeechChunks.vocoder_lengths(block)
     with torch.inference_mode():
         for tf32 in (False, True):
-            chunks = rm.Token2WavChunks(token2wav, voice, seed=0)
-            chunks.tf32 = tf32
-            chunks.begin(args.codes)
-            chunks.capture()
-            for window in chunks.window_lengths():
-                eager = timed(lambda: chunks._solve(chunks.noise[:, :window], codes[:, :window // 2]))
-                graphed = timed(lambda: chunks.solve(codes, 0, window))
+            model = rm.Token2Wav(token2wav, voice, runtime)
+            model.tf32 = tf32
+            model.capture(windows, lengths)
+            noise = rm.SpeechChunks(model, args.codes).noise
+            for window in windows:
+                eager = timed(lambda: model._solve(noise[:, :window], codes[:, :window // 2]))
+                graphed = timed(lambda: model.solve(noise[:, :window], codes[:, :window // 2]))
                 print(f"{'TF32' if tf32 else 'float32'} matmuls: one {window}-frame window's solve "
                       f"(36 DiT evaluations) eager {1000 * eager:.1f} ms, CUDA graph {1000 * graphed:.1f} ms")
-        for size in sorted(set(chunks.sizes)):
+        for size in sorted({block * n for n in rm.SPEECH_CHUNK_SCHEDULE}):
             mel = torch.randn((1, 80, size + 2 * rm.VOCODER_OVERLAP_FRAMES), device="cuda")
-            print(f"vocoder on {mel.shape[2]} frames: {1000 * timed(lambda: chunks.vocode(mel)):.1f} ms")
+            print(f"vocoder on {mel.shape[2]} frames: {1000 * timed(lambda: model.vocode(mel)):.1f} ms")
         for tf32 in (False, True):
             matmul.allow_tf32 = tf32
             whole = timed(lambda: token2wav(codes, conditioning=voice["cond"].cuda().float().view(1, -1),
@@ -73,20 +76,20 @@ def main() -> None:
         matmul.allow_tf32 = False
         made = {}
         for tf32 in (False, True):
-            chunks = rm.Token2WavChunks(token2wav, voice, seed=0)
-            chunks.tf32 = tf32
-            seconds = chunks.capture()
-            chunks.begin(args.codes)
+            model = rm.Token2Wav(token2wav, voice, runtime)
+            model.tf32 = tf32
+            seconds = model.capture(windows, lengths)
+            chunks = rm.SpeechChunks(model, args.codes)
             torch.cuda.synchronize()
             start = time.perf_counter()
             waves = chunks.add(codes, args.codes, final=True)
             torch.cuda.synchronize()
             made[tf32] = chunks.mel
             print(f"chunked, {len(waves)} chunks ({'TF32' if tf32 else 'float32'}): "
-                  f"{time.perf_counter() - start:.2f} s for {args.codes / 50:.1f} s of speech (graphs captured first, in {seconds:.1f} s)")
+                  f"{time.perf_counter() - start:.2f} s for {args.codes / 50:.1f} s of speech (graphs captured first, "
+                  f"in {seconds:.1f} s)")
         print(f"TF32 vs float32 mel: relative L2 "
               f"{float(torch.linalg.norm(made[True] - made[False]) / torch.linalg.norm(made[False])):.2e}")
-
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def main() -> None:
         return args.tokens
 
     plan = rm.Plan(args.device, "bfloat16", None, "", ())
-    loaded = rm.Loaded(model, tok, plan, 0.0, {}, rm.Decoder("generate", "", 0))   # generate(), as measured here
+    loaded = rm.Loaded(model, tok, plan, 0.0, {}, rm.Runtime("cuda", "generate", ""))   # generate(), as measured here
 
     def tool_generate() -> int:
         old, sys.stdout = sys.stdout, io.StringIO()

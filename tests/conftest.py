@@ -129,3 +129,42 @@ def overflowing_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("overflowing")
     return {"overflowing": builders.build_overflowing_qwen2(root / "overflowing", tiny_models["qwen2"]),
             "damaged": builders.build_overflowing_qwen2(root / "damaged", tiny_models["qwen2"], poison=True)}
+
+
+# --- the fast loop: tests that start a child process are marked `subprocess` ------------------
+# (python -m pytest -q tests -m "not subprocess" runs the rest, in one process, in under two minutes)
+
+SPAWNING = {"run_tool", "Popen", "subprocess"}   # a test that uses one of these (or a helper or fixture that does)
+
+
+def _names(code) -> set[str]:
+    """The global names a function's code uses, its nested functions' and lambdas' included."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if hasattr(constant, "co_names"):
+            names |= _names(constant)
+    return names
+
+
+def _spawns(function, namespace: dict, seen: set) -> bool:
+    """Whether `function` starts a child process, itself or through a function of its module."""
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _names(code)
+    called = [namespace[name] for name in names if callable(namespace.get(name))]
+    return bool(names & SPAWNING) or any(_spawns(f, getattr(f, "__globals__", {}), seen) for f in called)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "subprocess: runs the real script (or a server) in a child process")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        seen: set = set()
+        functions = [item.function] + [definitions[-1].func for definitions in
+                                        item._fixtureinfo.name2fixturedefs.values()]
+        if any(_spawns(function, getattr(function, "__globals__", {}), seen) for function in functions):
+            item.add_marker(pytest.mark.subprocess)

@@ -54,6 +54,7 @@ def from_pretrained(cls, *args, **kwargs):
 transformers.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 if gpu_gb:
     torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+    torch.cuda.set_device = lambda *args, **kwargs: None
 
 if os.environ.get("OOM_AT_GENERATE"):
     # The first N forward passes of any loaded model (the prompt, whether generate() or the tool's

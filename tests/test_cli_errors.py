@@ -200,6 +200,10 @@ CASES += [
      True),
     ("interactive-and-dry-run", ["--interactive", "--dry_run"], 2,
      ["--dry_run works with one --prompt, not with --interactive"], True),
+    ("self-test-and-speech", ["--self_test", "--output_audio", "reply.wav"], 2,
+     ["--output_audio with --self_test: the self-test's tiny model is a text model and cannot speak; drop "
+      "--output_audio"], True),
+    ("self-test-and-play", ["--self_test", "--play"], 2, ["--play with --self_test:", "drop --play"], True),
 ]
 
 

@@ -43,12 +43,12 @@ def fast_tokens(model, inputs, sampling: rm.Sampling, seed: int | None = None, l
         def end(self):
             self.ended = True
 
-    assert rm.choose_decoder(model, "cpu", rm.Options(sampling=sampling)).kind == "step"
+    assert rm.choose_runtime(model, "cpu", rm.Options(sampling=sampling)).decoder == "step"
     if seed is not None:
         torch.manual_seed(seed)
     collect = Collect()
     with torch.inference_mode():
-        rm.fast_generate(model, inputs, sampling, collect, {}, rm.Decoder("step", "", lag))
+        rm.fast_generate(rm.Runtime("cpu", "step", "", lag=lag), model, inputs, sampling, collect, {})
     assert collect.ended
     return collect.tokens[inputs["input_ids"].shape[-1]:]
 
@@ -125,7 +125,7 @@ def test_min_new_tokens_holds_back_the_end_token(loaded):
     assert len(expected) == 20 and got == expected
 
 
-def against_the_models_own_steps(model, inputs, fused: bool, compile_layers: bool = False, steps: int = 12) -> float:
+def against_the_models_own_steps(model, inputs, masked: bool, compile_layers: bool = False, steps: int = 12) -> float:
     """Worst relative difference between the fast step's logits and generate()'s own at each step, fed
     generate()'s greedy tokens; the greedy choices must agree."""
     import torch
@@ -135,7 +135,7 @@ def against_the_models_own_steps(model, inputs, fused: bool, compile_layers: boo
         reference = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
                                    return_dict_in_generate=True)
         prompt = model(**inputs, use_cache=True)
-        fast = rm.FastDecoder(model, prompt.past_key_values, length, steps, fused=fused, compile_layers=compile_layers)
+        fast = rm.FastDecoder(model, prompt.past_key_values, length, steps, masked, compile_layers=compile_layers)
         tokens, worst = reference.sequences[0, length:], 0.0
         for i in range(1, len(reference.logits)):
             expected, got = reference.logits[i].float(), fast.logits_at(tokens[i - 1:i], length + i - 1)
@@ -144,20 +144,20 @@ def against_the_models_own_steps(model, inputs, fused: bool, compile_layers: boo
     return worst
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["filled-slots", "masked-all-slots"])
+@pytest.mark.parametrize("masked", [False, True], ids=["filled-slots", "masked-all-slots"])
 @pytest.mark.parametrize("name", MODELS)
-def test_the_step_computes_what_the_model_computes(loaded, name, fused):
+def test_the_step_computes_what_the_model_computes(loaded, name, masked):
     """Both steps: attention over the filled slots (off CUDA) and the CUDA graph's arithmetic (all slots
     under a mask), run here without a graph, against the model's own forward inside generate()."""
     model, _, inputs = loaded[name]
-    assert against_the_models_own_steps(model, inputs, fused) < 1e-5
+    assert against_the_models_own_steps(model, inputs, masked) < 1e-5
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_layers_compute_what_the_model_computes(loaded):
     model, _, inputs = loaded["qwen2"]
-    assert against_the_models_own_steps(model, inputs, fused=True, compile_layers=True, steps=4) < 1e-5
+    assert against_the_models_own_steps(model, inputs, masked=True, compile_layers=True, steps=4) < 1e-5
 
 
 def test_a_step_dispatches_at_most_16_operations_a_layer():
@@ -196,7 +196,7 @@ def test_a_draw_on_the_cpu_repeats_generates_seeded_answer(loaded):
         collect = Collect()
         torch.manual_seed(seed)
         with torch.inference_mode():
-            rm.fast_generate(model, inputs, SAMPLED, collect, {}, rm.Decoder("step", "", 8, draw_on_cpu=True))
+            rm.fast_generate(rm.Runtime("mps", "step", "", lag=8, draw_on_cpu=True), model, inputs, SAMPLED, collect, {})
         assert collect.tokens[inputs["input_ids"].shape[-1]:] == plain_tokens(model, inputs, SAMPLED, seed)
 
 

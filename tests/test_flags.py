@@ -23,11 +23,11 @@ def test_help_lists_every_flag():
 
 def test_options_are_the_flags_with_what_derives_from_them():
     plain = options("--prompt", " Hello ")
-    assert (plain.prompt, plain.system_prompt, plain.speech, plain.show, plain.fast_decode) == \
+    assert (plain.prompt, plain.system_prompt, plain.speaks, plain.show, plain.fast_decode) == \
         ("Hello", None, False, rm.SHOW_STREAM, True)
     assert plain.sampling == rm.Sampling(rm.DEFAULT_MAX_NEW_TOKENS)
     spoken = options("--prompt", "Hi", "--output_audio", "~/reply.wav", "--max_speech_seconds", "2.5")
-    assert spoken.speech and spoken.output_audio.is_absolute() and spoken.output_audio.name == "reply.wav"
+    assert spoken.speaks and spoken.output_audio.is_absolute() and spoken.output_audio.name == "reply.wav"
     assert spoken.system_prompt == rm.SPEECH_SYSTEM_PROMPT and not spoken.custom_system_prompt
     assert spoken.speech_codes == 125   # 50 codes a second
     own = options("--prompt", "Hi", "--output_audio", "r.wav", "--system_prompt", "Be brief.")

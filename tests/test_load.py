@@ -1,11 +1,14 @@
 """Section 8, loading: weights from safetensors (a pickle that would run code is refused), a model's
-own code only when allowed, and the decoder chosen once, with the line that says which and why."""
+own code only when allowed, and the runtime decided once (device, decoder, look-ahead, draw policy, whether
+it speaks), with the line that says which decoder and why."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+import pytest
 
 import run_multimodal as rm
 from conftest import GREEDY, assert_one_line_error, run_tool, stat
@@ -82,24 +85,38 @@ def test_remote_code_runs_only_when_allowed(tiny_models, tmp_path):
 
 # --- the decoder, chosen once -----------------------------------------------------------
 
-def test_the_decoder_is_chosen_at_load_time(tiny_models):
+def test_the_runtime_is_decided_at_load_time(tiny_models):
+    """Device, decoder, look-ahead and the draw policy, decided once from the loaded model and the flags."""
     info = rm.resolve_model(str(tiny_models["qwen2"]))
     plan = rm.Plan("cpu", "float32", None, "small", ())
     model, _ = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
-    assert rm.choose_decoder(model, "cpu", rm.Options()) == rm.Decoder(
-        "step", "⚡ Fast decoding: a static KV cache, one step at a time (--no_fast_decode: transformers' generate())")
-    assert rm.choose_decoder(model, "mps", rm.Options()).lag == rm.STREAM_LAG_TOKENS
-    graph = rm.choose_decoder(model, "cuda", rm.Options())
-    assert graph.kind == "graph" and "--compile: faster after seconds of compiling" in graph.reason
-    assert rm.choose_decoder(model, "cuda", rm.Options(compile_layers=True)).kind == "compiled"
-    assert rm.choose_decoder(model, "cpu", rm.Options(fast_decode=False)).kind == "generate"
+    assert rm.choose_runtime(model, "cpu", rm.Options()) == rm.Runtime(
+        "cpu", "step", "⚡ Fast decoding: a static KV cache, one step at a time (--no_fast_decode: transformers' "
+        "generate())")
+    mac = rm.choose_runtime(model, "mps", rm.Options(sampling=rm.Sampling(8, temperature=0.7)))
+    assert (mac.lag, mac.draw_on_cpu, mac.graphs) == (0, True, False)   # reading on MPS waits for all before it
+    assert "each sampled token drawn on the CPU" in mac.reason and mac.sampler((None, None, set())).draw_on_cpu
+    graph = rm.choose_runtime(model, "cuda", rm.Options())
+    assert (graph.decoder, graph.lag, graph.graphs) == ("graph", rm.STREAM_LAG_TOKENS, True)
+    assert "--compile: faster after seconds of compiling" in graph.reason
+    assert rm.choose_runtime(model, "cuda", rm.Options(compile_layers=True)).decoder == "compiled"
+    assert not rm.choose_runtime(model, "cpu", rm.Options(fast_decode=False)).fast
     beams = rm.Options(sampling=rm.Sampling(8, temperature=0))
     model.generation_config.num_beams = 2
     try:
-        assert rm.choose_decoder(model, "cpu", beams).reason == (
+        assert rm.choose_runtime(model, "cpu", beams).reason == (
             "🐢 These decoding settings need transformers' generate(); the fast decoder is not used")
     finally:
         model.generation_config.num_beams = 1
+
+
+def test_a_model_loaded_without_its_talker_does_not_speak(tiny_models):
+    """Whether a run speaks is decided from the flags and the loaded model together: asked of a model without
+    a talker, the runtime says so in one line instead of failing later."""
+    info = rm.resolve_model(str(tiny_models["qwen2"]))
+    model, _ = rm.load_model(info, rm.Plan("cpu", "float32", None, "small", ()), rm.simulated_hardware("cpu:8"))
+    with pytest.raises(rm.RunError, match="--output_audio: Qwen2ForCausalLM was loaded without its talker"):
+        rm.choose_runtime(model, "cpu", rm.Options(output_audio=Path("reply.wav")))
 
 
 def test_models_it_does_not_know_use_generate(tiny_models):

@@ -227,7 +227,7 @@ def test_reasons_use_the_guides_words():
     assert plan.reasons[0] == "💻 Medium model needs 16 GB of RAM for MPS (this Mac has 8.0 GB) - using CPU"
     no_kernels = dataclasses.replace(mac(24), ram_available=24 * GB, macos=(15, 1))
     plan = rm.choose_plan(no_kernels, facts(LARGE), rm.Options())
-    assert plan.reasons[0] == "💻 Large model: the guide keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has " \
+    assert plan.reasons[0] == "💻 Large model: the size policy keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has " \
                               "24.0 GB)"
     assert plan.reasons[3].startswith("💡 8-bit quantization would fit on MPS (") and \
         plan.reasons[3].endswith("): pip install kernels to use it")
@@ -502,7 +502,7 @@ def test_metal_weights_are_counted_with_their_group_scales_and_biases(real_facts
     # 8 bits a weight, and a bfloat16 scale and bias per 64 weights; the embedding and head stay bfloat16
     assert plan.estimate.weights_bytes == int(packed * (1 + 4 / 64) + rest * 2)
     assert plan.reasons[:3] == (
-        "💻 Large model: the guide keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has 16.0 GB)",
+        "💻 Large model: the size policy keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has 16.0 GB)",
         "🔢 bfloat16 on MPS: Qwen was trained in bfloat16 and its activations overflow float16 (the same memory)",
         "🗜️ 8bit Metal quantization on MPS (MLX's kernels through transformers' MetalConfig; the weights are "
         "quantized as they load)")

@@ -49,6 +49,8 @@ def test_self_test_runs_offline():
     assert result.returncode == 0, result.stderr
     assert "✅ Self-test passed" in result.stderr
     assert "8 new tokens" in result.stderr
+    assert "Its answer on stdout comes from random weights: gibberish is what a working installation prints" \
+        in result.stderr
     assert result.stdout.strip()
 
 

@@ -5,6 +5,8 @@ float rounding in the mel and by the vocoder's seams in the wave. Then what a us
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,42 +15,44 @@ from conftest import GREEDY, SAMPLE_IMAGE, assert_one_line_error, run_tool
 
 PROMPT = "Describe the picture, please"
 TEXT_TOKENS = 24
+SPEAKING = rm.Options(output_audio=rm.Path("reply.wav"), sampling=rm.Sampling(TEXT_TOKENS, temperature=0))
 
 
 @pytest.fixture(scope="module")
 def omni(tiny_models):
     """(loaded, inputs): the whole tiny Omni (thinker, talker, token2wav) in float32 on the CPU, a picture in
-    the prompt, the decoder the tool chooses for a spoken reply there."""
+    the prompt, the runtime the tool decides for a spoken reply there."""
     info = rm.resolve_model(str(tiny_models["qwen2_5_omni"]))
     plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker", "talker", "token2wav"))
     model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
-    options = rm.Options(output_audio=rm.Path("reply.wav"), sampling=rm.Sampling(TEXT_TOKENS, temperature=0))
-    decoder = rm.choose_decoder(model, "cpu", options)
-    assert (decoder.kind, decoder.speaks) == ("step", True) and "the talker too" in decoder.reason
-    plain = rm.choose_decoder(model, "cpu", rm.Options(output_audio=rm.Path("reply.wav"), fast_decode=False))
-    assert plain.kind == "generate" and "for the text and the spoken reply (--no_fast_decode)" in plain.reason
+    runtime = rm.choose_runtime(model, "cpu", SPEAKING)
+    assert (runtime.decoder, runtime.speaks) == ("step", True) and "the talker too" in runtime.reason
+    plain = rm.choose_runtime(model, "cpu", dataclasses.replace(SPEAKING, fast_decode=False))
+    assert not plain.fast and "for the text and the spoken reply (--no_fast_decode)" in plain.reason
     media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
     messages = rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni")
     inputs = rm.prepare_inputs(processor, messages, model.device, media)
-    return rm.Loaded(model, processor, plan, 0.0, {}, decoder), inputs
+    voice = rm.Speech("Chelsie")
+    return rm.Loaded(model, processor, plan, 0.0, {}, runtime, voice, rm.token2wav_for(model, voice, runtime)), inputs
 
 
-def tool_reply(omni, codes: int, seed: int, monkeypatch) -> tuple[rm.Answer, list[int]]:
+def tool_reply(omni, codes: int, seed: int, monkeypatch, runtime: rm.Runtime | None = None) -> tuple[rm.Answer, list[int]]:
     """The tool's spoken reply (greedy text, the talker sampling as generate() does by default) and the
-    codes token2wav was given, seen by wrapping Token2WavChunks.add (which still runs)."""
+    codes token2wav was given, seen by wrapping SpeechChunks.add (which still runs)."""
     import torch
     loaded, inputs = omni
     seen = []
-    add = rm.Token2WavChunks.add
+    add = rm.SpeechChunks.add
 
     def spy(self, all_codes, available, final):
         seen[:] = all_codes[0, :available].tolist()
         return add(self, all_codes, available, final)
-    monkeypatch.setattr(rm.Token2WavChunks, "add", spy)
+    monkeypatch.setattr(rm.SpeechChunks, "add", spy)
+    speaking = dataclasses.replace(loaded, speech=rm.Speech("Chelsie", max_codes=codes, min_codes=codes),
+                                   runtime=runtime or loaded.runtime)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        answer = rm.generate_answer(loaded, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE,
-                                    rm.Speech("Chelsie", max_codes=codes, min_codes=codes))
+        answer = rm.generate_answer(speaking, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE)
     return answer, seen
 
 
@@ -100,12 +104,28 @@ def test_the_talker_draws_generates_codes(omni, seed, monkeypatch):
     assert 0 < answer.first_audio_s < answer.end - answer.start
 
 
-def solved_at_once(model, voice, code):
-    """The whole reply's mel from one solve over all its codes, and our vocoder call's wave of it."""
-    whole = rm.Token2WavChunks(model.token2wav, voice, seed=0)
-    whole.begin(code.shape[1])
-    mel = whole.solve(code, 0, 2 * code.shape[1])
-    return mel, whole.vocode(mel)
+def test_on_a_mac_the_talkers_codes_are_drawn_on_the_cpu_too(omni, monkeypatch):
+    """MPS's multinomial can draw tokens of probability zero, so on a Mac every sampled token is drawn on the
+    CPU, the talker's codes as well as the thinker's text (their samplers come from the runtime). Simulated:
+    the runtime a Mac decides, run on this CPU; the seeded codes are generate()'s."""
+    loaded, _ = omni
+    mac = rm.choose_runtime(loaded.model, "mps", SPEAKING)
+    assert mac.draw_on_cpu and "each sampled token drawn on the CPU" in mac.reason
+    draws, init = [], rm.Sampler.__init__
+
+    def spy(self, settings, draw_on_cpu=False):
+        draws.append(draw_on_cpu)
+        init(self, settings, draw_on_cpu)
+    monkeypatch.setattr(rm.Sampler, "__init__", spy)
+    answer, codes = tool_reply(omni, 60, 11, monkeypatch, runtime=mac)
+    assert draws == [True, True]   # the thinker's sampler, then the talker's
+    assert codes == plain_reply(omni, 60, 11)[1]
+
+
+def solved_at_once(token2wav, code):
+    """The whole reply's mel from one solve over all its codes (from a reply's noise), and our vocoder's wave."""
+    mel = token2wav.solve(rm.SpeechChunks(token2wav, code.shape[1]).noise, code)
+    return mel, token2wav.vocode(mel)
 
 
 def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypatch):
@@ -118,7 +138,7 @@ def test_the_whole_reply_solved_at_once_is_transformers_token2wav(omni, monkeypa
     model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
     code = torch.tensor([codes])
     with torch.inference_mode():
-        _, wave = solved_at_once(model, voice, code)
+        _, wave = solved_at_once(loaded.token2wav, code)
         torch.manual_seed(0)
         theirs = model.token2wav(code, conditioning=voice["cond"].float().expand(1, -1),
                                  reference_mel=voice["ref_mel"].float().expand(1, -1, -1))
@@ -131,13 +151,11 @@ def test_chunks_made_as_the_codes_come_match_the_whole(omni, monkeypatch):
     import torch
     loaded, _ = omni
     answer, codes = tool_reply(omni, 100, 5, monkeypatch)
-    model, voice = loaded.model, loaded.model.speaker_map["Chelsie"]
     code = torch.tensor([codes])
     with torch.inference_mode():
-        mel, wave = solved_at_once(model, voice, code)
+        mel, wave = solved_at_once(loaded.token2wav, code)
         wave = wave.numpy()
-        chunked = rm.Token2WavChunks(model.token2wav, voice, seed=0)
-        chunked.begin(len(codes))
+        chunked = rm.SpeechChunks(loaded.token2wav, len(codes))
         pieces = chunked.add(code, 60, final=False) + chunked.add(code, 100, final=True)
     assert len(pieces) >= 3   # several chunks, not one
     assert torch.linalg.norm(chunked.mel - mel) <= 1e-5 * torch.linalg.norm(mel)
@@ -169,7 +187,7 @@ def test_play_without_a_sound_device_says_so_before_loading(tiny_models, tmp_pat
 def test_a_run_is_widened_backwards_to_a_recorded_length_only_where_it_fits():
     """A window or vocoder run over `length` frames ending at `end` starts earlier when that makes it a
     length recorded as a CUDA graph (the smallest that fits), never before the first frame."""
-    widened = rm.Token2WavChunks._widened
+    widened = rm.widened
     graphs = {48: None, 96: None, 168: None, 264: None}
     assert widened(graphs, 100, 300) == 300 - 168
     assert widened(graphs, 96, 300) == 300 - 96
