@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -77,6 +78,7 @@ DEFAULT_FPS = 2.0                      # Qwen's default: two video frames a seco
 MAX_FPS = 30.0
 DEFAULT_SPEAKER = "Chelsie"
 SMALLER_MODEL_HINT = "Qwen/Qwen2.5-1.5B-Instruct"
+SMALLEST_TEMPERATURE = 1e-6            # below it, the scores divided by the temperature overflow
 
 # Exit codes (141 and 143 as a shell reports SIGPIPE and SIGTERM: 128 + the signal)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -102,12 +104,14 @@ CUDA_CONTEXT_BYTES = GB // 2             # what a CUDA context takes from a simu
 # Media: what Qwen's processors take
 MIN_PIXELS = 56 * 56
 MAX_ASPECT_RATIO = 200                 # the image processor refuses anything longer and thinner
-MAX_IMAGE_PIXELS = 256_000_000         # larger files are refused before decoding (PIL's bomb guard, raised)
+MAX_IMAGE_PIXELS = 256_000_000         # larger pictures are refused before decoding
+HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypheim", b"ftypheis", b"ftypmif1", b"ftypmsf1")
 VIDEO_MAX_PIXELS = 768 * 28 * 28       # Qwen's per-frame defaults for video
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 AUDIO_SAMPLE_RATE = 16_000             # Qwen's audio encoders take 16 kHz mono
 AUDIO_WINDOW_SECONDS = 30              # the audio processor's window: longer recordings are split
 AUDIO_WINDOW_SAMPLES = AUDIO_WINDOW_SECONDS * AUDIO_SAMPLE_RATE
+WAV_UNKNOWN_SIZE = 0x7FFFF000          # a WAV header's size this large was written to a pipe, unknown (SoX, ffmpeg)
 
 # Speech out (Qwen2.5-Omni's talker and token2wav)
 SPEECH_SAMPLE_RATE = 24_000
@@ -129,6 +133,7 @@ SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Tea
 # Model folders and the Hub
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")   # how a multimodal model reads media
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # A serving engine (--server): the OpenAI Chat Completions protocol
@@ -139,6 +144,7 @@ DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 LOCAL_ONLY_FLAGS = {"device": "auto", "dtype": "auto", "quantize": "none", "force_cpu": False, "compile": False,
                     "no_fast_decode": False, "dry_run": False, "hardware": None, "trust_remote_code": False,
                     "self_test": False, "fps": DEFAULT_FPS}
+SELF_TEST_FLAGS = ("self_test", "device", "dtype", "force_cpu", "no_fast_decode", "compile", "debug")   # it honours
 ENGINE_GPU_GB = 80                 # the GPU an engine command is sized for, unless --hardware names one
 ENGINE_MEMORY_SHARE = 0.9          # vLLM's default gpu_memory_utilization
 
@@ -180,6 +186,7 @@ def quantizer_facts(method: str) -> Quantizer:
 
 
 # Apple Silicon: what each part needs of macOS, and the Mac --hardware mps:N stands for without qualifiers
+MPS_MACOS = (12, 3)            # PyTorch's MPS backend at all
 MPS_BF16_MACOS = (14, 0)       # bfloat16 in PyTorch's MPS backend (MPSGraph)
 MPS_CONV3D_MACOS = (13, 2)     # Conv3d on MPS: the Qwen-VL and Omni vision towers' patch embedding
 SIMULATED_MAC_CHIP, SIMULATED_MACOS = "M3", (26, 0)
@@ -225,6 +232,13 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def one_line(text, limit: int = 0) -> str:
+    """An exception's text (or any) on one line, its lines joined; cut to `limit` characters where given (the
+    words of a library, which can run to pages)."""
+    line = " ".join(str(text).split())
+    return line[:limit - 1] + "…" if limit and len(line) > limit else line
+
+
 def say(message: str) -> None:
     """A line for people: stderr, so that stdout carries only the answer."""
     print(message, file=sys.stderr, flush=True)
@@ -243,17 +257,39 @@ def write_stdout(text: str) -> None:
         raise OutputClosed() from None
 
 
-def write_atomically(path: Path, write) -> None:
-    """write(temporary_path) into a temporary file in the same folder, then rename it into place, so
-    that an interrupted run never leaves a half-written file under the user's name."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
+def write_output(path: Path, data: bytes, what: str) -> None:
+    """`data` into the file `what` names (the flag or command and the path). A regular file, new or not (a
+    symlink's target too), is written atomically: into a temporary file in its folder, renamed into place, so
+    that an interrupted run never leaves a half-written file under the user's name; a new one gets the user's
+    umask. A FIFO, a device or /dev/stdout is written in place (nothing in /dev is ever replaced). A full disk or
+    a reader that went away is one line naming the file."""
+    target = path.resolve()   # a symlink's target (a regular file: special files are opened by their own name)
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        if path.exists() and not path.is_file():
+            with open(path, "wb") as stream:
+                stream.write(data)
+            return
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except BrokenPipeError as exc:
+        raise RunError(f"{what}: its reader went away before all was written") from exc
+    except OSError as exc:
+        raise RunError(f"{what}: could not be written ({exc.strerror or one_line(exc)}); free some space or "
+                       "choose another file") from exc
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -289,7 +325,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"Error: {message} (see --help)\n")
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -297,6 +333,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {maximum:,} at most, got {value:,}")
         return value
     return parse
 
@@ -312,6 +350,14 @@ def _float_in(low: float, high: float, low_open: bool):
             raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
         return value
     return parse
+
+
+def _temperature(text: str) -> float:
+    value = _float_in(0, 100, low_open=False)(text)
+    if 0 < value < SMALLEST_TEMPERATURE:   # the scores divided by it overflow
+        raise argparse.ArgumentTypeError(f"{text} is too small to divide the scores by (they overflow); give 0 for "
+                                         "greedy decoding, the same choice")
+    return value
 
 
 def _hardware_spec(text: str) -> str:
@@ -346,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument_group("generation").add_argument
     add("--max_new_tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS,
         help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
-    add("--temperature", type=_float_in(0, 100, low_open=False),
+    add("--temperature", type=_temperature,
         help="sampling temperature; 0 means greedy (default: the model's own setting)")
     add("--top_p", type=_float_in(0, 1, low_open=True), help="nucleus sampling, in (0, 1] (default: the model's own)")
     add("--top_k", type=_int_at_least(0), help="sample among the k likeliest tokens; 0 turns it off")
-    add("--seed", type=_int_at_least(0), help="random seed, for repeatable sampling")
+    add("--seed", type=_int_at_least(0, 2**32 - 1), help="random seed, for repeatable sampling")
     add("--no_stream", action="store_true", help="print the answer once at the end")
     add("--no_fast_decode", action="store_true",
         help="decode with transformers' generate() instead of the tool's static-cache decoder")
@@ -436,6 +482,7 @@ class Options:
     sampling: Sampling = Sampling()
     seed: int | None = None
     show: str = SHOW_STREAM              # SHOW_STREAM, SHOW_ONCE (--no_stream) or SHOW_NONE (--json)
+    answer_to_stderr: bool = False       # stdout carries the spoken reply (--output_audio /dev/stdout)
     fast_decode: bool = True             # --no_fast_decode turns it off
     compile_layers: bool = False         # --compile
     output_audio: Path | None = None
@@ -473,7 +520,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     check_flags(args)
     one_shot = args.dry_run or args.json or args.output_audio or args.play   # flags for one answer only
     interactive = not args.self_test and (
-        args.interactive or (args.prompt is None and not one_shot and sys.stdin.isatty()))
+        args.interactive or (args.prompt is None and not one_shot and stdin_is_terminal()))
     prompt = None if args.self_test or (interactive and args.prompt is None) else read_prompt(args)
     speech = bool(args.output_audio or args.play)
     derived = dict(
@@ -484,6 +531,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         show=SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM,
         fast_decode=not args.no_fast_decode, compile_layers=args.compile,
         output_audio=Path(args.output_audio).expanduser() if args.output_audio else None,
+        answer_to_stderr=bool(args.output_audio) and is_stdout(Path(args.output_audio)),
         speech_codes=math.ceil(args.max_speech_seconds * TALKER_CODES_PER_SECOND) if args.max_speech_seconds
         else TALKER_MAX_NEW_TOKENS)
     same = {field.name: getattr(args, field.name) for field in dataclasses.fields(Options)
@@ -491,14 +539,34 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return Options(**same, **derived)
 
 
+def is_stdout(path: Path) -> bool:
+    """Whether writing to `path` writes to this process's stdout (/dev/stdout, or the file it is redirected to)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+def is_stdin(path: Path) -> bool:
+    """Whether reading `path` reads this process's stdin (/dev/stdin, /dev/fd/0)."""
+    try:
+        return sys.stdin is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdin.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, caught before anything else happens."""
     if args.server:
         check_server_flags(args)
-    for flag in ("output_audio", "play", "speaker", "max_speech_seconds"):
-        if args.self_test and getattr(args, flag):
-            raise UsageError(f"--{flag} with --self_test: the self-test's tiny model is a text model and cannot "
-                             f"speak; drop --{flag}")
+    if args.self_test:
+        check_self_test_flags(args)
+    stdin_paths = [path for path in (*args.image_path, *args.audio_path, *args.video_path) if is_stdin(Path(path))]
+    if args.prompt == "-" and stdin_paths:
+        raise UsageError(f"--prompt - and {stdin_paths[0]} both read stdin; give the prompt as --prompt TEXT")
+    if args.interactive and args.prompt == "-":
+        raise UsageError("--prompt - with --interactive: the chat reads its messages from stdin; give the first "
+                         "message as --prompt TEXT")
     if args.force_cpu and args.device not in ("auto", "cpu"):
         raise UsageError(f"--force_cpu conflicts with --device {args.device}; give one of them")
     if args.quantize != "none" and (args.force_cpu or args.device == "cpu"):
@@ -511,6 +579,9 @@ def check_flags(args: argparse.Namespace) -> None:
         for flag in ("json", "output_audio", "play", "dry_run"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
+    if args.json and args.output_audio and is_stdout(Path(args.output_audio)):
+        raise UsageError(f"--output_audio {args.output_audio} with --json: both would go to stdout; write the WAV to "
+                         "a file, or drop --json")
     if args.use_audio_in_video and not args.video_path:
         raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
     for flag in ("speaker", "max_speech_seconds"):
@@ -518,10 +589,25 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav or --play")
 
 
+def check_self_test_flags(args: argparse.Namespace) -> None:
+    """--self_test asks its own tiny model a fixed question: of the flags only those about this machine apply."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f"--{name}" for name, value in vars(args).items()
+             if name not in SELF_TEST_FLAGS and value != defaults.get(name, value)]
+    if given:
+        raise UsageError(f"{', '.join(given)} with --self_test: the self-test asks its own tiny model a fixed "
+                         f"question, so {'this means' if len(given) == 1 else 'these mean'} nothing there; drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+
+
 def check_server_flags(args: argparse.Namespace) -> None:
     """--server: a URL; no flag about this machine; no spoken reply (its audio output is not wired up)."""
-    url = urlparse(args.server)
-    if url.scheme not in ("http", "https") or not url.netloc:
+    try:
+        url = urlparse(args.server)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:   # a port past 65535, an IPv6 address left open
+        ok = False
+    if not ok:
         raise UsageError(f"--server {args.server}: not a URL; give the engine's OpenAI base URL, such as "
                          "http://localhost:8000/v1")
     given = [f"--{name}" for name, default in LOCAL_ONLY_FLAGS.items() if getattr(args, name) != default]
@@ -540,10 +626,28 @@ def read_prompt(args: argparse.Namespace) -> str | None:
         if args.dry_run:
             return None
         raise UsageError("--prompt is required (or --prompt - to read it from stdin)")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("--prompt is empty; give the question or instruction to answer")
     return prompt.strip()
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def read_stdin(line: bool = False) -> str:
+    """All of stdin (or its next `line`, '' at its end) as UTF-8 text; a closed stdin, or bytes that are not
+    UTF-8, is a UsageError."""
+    if sys.stdin is None:
+        raise UsageError("--prompt -: stdin is closed; pipe the prompt in, or give it as --prompt TEXT")
+    data = sys.stdin.buffer.readline() if line else sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = "that line" if line else "--prompt -: stdin"
+        raise UsageError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first (iconv)") \
+            from exc
 
 
 # --- 4. media in, and the spoken reply out: decoded and checked before loading --------------
@@ -557,8 +661,9 @@ def _require(module: str, package: str, flag: str):
                        "(or pip install -r requirements.txt)") from exc
 
 
-def _readable_file(flag: str, path: str, what: str) -> Path:
-    """The file behind a media flag, or a UsageError that names the flag and the problem."""
+def _readable_file(flag: str, path: str, what: str):
+    """The file behind a media flag, or a UsageError that names the flag and the problem. A regular file is
+    its Path; a pipe or a device (`<(...)`, /dev/stdin), which can be read only once, is its bytes."""
     file = Path(path).expanduser()
     if not file.exists():
         raise UsageError(f"{flag} {path}: file not found; check the path")
@@ -566,27 +671,53 @@ def _readable_file(flag: str, path: str, what: str) -> Path:
         raise UsageError(f"{flag} {path}: this is a folder; give {what}")
     if not os.access(file, os.R_OK):
         raise UsageError(f"{flag} {path}: permission denied; make the file readable")
-    if file.stat().st_size == 0:
-        raise UsageError(f"{flag} {path}: the file is empty; give {what}")
-    return file
+    if file.is_file():
+        if file.stat().st_size == 0:
+            raise UsageError(f"{flag} {path}: the file is empty; give {what}")
+        return file
+    with open(file, "rb") as stream:   # what a pipe holds, whole, as the decoders need to seek in it
+        data = stream.read()
+    if not data:
+        raise UsageError(f"{flag} {path}: nothing came through it; give {what}")
+    return io.BytesIO(data)
+
+
+def _head(source, size: int) -> bytes:
+    """The first bytes of a file or of bytes read from a pipe."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:size]
+    with open(source, "rb") as handle:
+        return handle.read(size)
 
 
 def load_image(path: str, flag: str = "--image_path"):
-    """An RGB PIL image, upright per its EXIF orientation, or a UsageError naming the file."""
+    """An 8-bit RGB PIL image, upright per its EXIF orientation (JPEG, PNG, WebP, TIFF, AVIF; HEIC and HEIF with
+    pillow-heif), or a UsageError naming the file. Pictures past MAX_IMAGE_PIXELS are refused before decoding."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-    file = _readable_file(flag, path, "an image file")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS   # PIL's own guard refuses over 179 MP, as a "bomb"
+    try:   # HEIC and HEIF, which Apple's cameras write
+        from pillow_heif import register_heif_opener
+        register_heif_opener()
+        heif = True
+    except ImportError:
+        heif = False
+    source = _readable_file(flag, path, "an image file")
+    Image.MAX_IMAGE_PIXELS = None   # the size is checked here, before the pixels are decoded
     try:
-        with Image.open(file) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UsageError(f"{flag} {path}: {width} x {height} is more than {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                                 "megapixels, which this tool does not open (the model sees at most about 1 "
+                                 "megapixel); scale it down first")
             image.load()
-            picture = ImageOps.exif_transpose(image).convert("RGB")
+            picture = _eight_bit_rgb(ImageOps.exif_transpose(image))
     except PermissionError as exc:
         raise UsageError(f"{flag} {path}: permission denied; make the file readable") from exc
-    except Image.DecompressionBombError as exc:
-        raise UsageError(f"{flag} {path}: more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, which this tool does "
-                         "not open (the model sees at most about 1 megapixel); scale it down first") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, ...); "
+        if _head(source, 12)[4:12] in HEIF_BRANDS and not heif:
+            raise RunError(f"{flag} {path}: a HEIC/HEIF photo, which needs the pillow-heif package: pip install "
+                           "pillow-heif (or pip install -r requirements.txt)") from exc
+        raise UsageError(f"{flag} {path}: not a readable image (JPEG, PNG, WebP, HEIC, ...); "
                          "check that the file is a complete picture") from exc
     width, height = picture.size
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -595,29 +726,72 @@ def load_image(path: str, flag: str = "--image_path"):
     return picture
 
 
+def _eight_bit_rgb(image):
+    """RGB in 8 bits: 16-bit and 32-bit greyscale (PNG, TIFF) and float pictures are scaled to 0-255, not clipped
+    to white as a plain convert() would."""
+    import numpy as np
+    from PIL import Image
+    if not image.mode.startswith(("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 255.0 if image.mode == "I" else 1.0)
+    low = min(float(values.min()), 0.0)
+    return Image.fromarray(np.uint8(np.clip((values - low) / (top - low) * 255 + 0.5, 0, 255))).convert("RGB")
+
+
 def load_audio(path: str, flag: str = "--audio_path"):
-    """Any WAV, FLAC, OGG or MP3, as 16 kHz mono float32 samples (downmixed, resampled with soxr)."""
+    """A recording as 16 kHz mono float32 samples (downmixed, resampled with soxr): WAV, FLAC, OGG and MP3 through
+    soundfile, anything else PyAV decodes (M4A/AAC and ALAC voice memos, Opus, WMA...) through PyAV."""
     import numpy as np
     soundfile = _require("soundfile", "soundfile", flag)
     soxr = _require("soxr", "soxr", flag)
-    file = _readable_file(flag, path, "an audio file")
-    with open(file, "rb") as handle:   # libsndfile reads a cut-short WAV as if it were whole
-        head = handle.read(12)
+    source = _readable_file(flag, path, "an audio file")
+    head = _head(source, 12)
     declared = int.from_bytes(head[4:8], "little") + 8 if head[:4] == b"RIFF" and head[8:12] == b"WAVE" else 0
-    if declared > file.stat().st_size:
-        raise UsageError(f"{flag} {path}: the file is cut short ({file.stat().st_size:,} of the {declared:,} bytes "
-                         "its header promises); check that the file is a complete recording")
+    size = len(source.getvalue()) if isinstance(source, io.BytesIO) else source.stat().st_size
+    if declared - 8 < WAV_UNKNOWN_SIZE and declared > size:   # sizes a writer to a pipe could not know are fine
+        raise UsageError(f"{flag} {path}: the file is cut short ({size:,} of the {declared:,} bytes its header "
+                         "promises); check that the file is a complete recording")
     try:
-        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise UsageError(f"{flag} {path}: not a readable audio file (WAV, FLAC, OGG or MP3); "
-                         "check that the file is a complete recording") from exc
-    if samples.shape[0] == 0:
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        mono = samples.mean(axis=1)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):   # not libsndfile's: PyAV's?
+        mono, rate = _decode_sound(source, flag, path), AUDIO_SAMPLE_RATE
+        if mono is None:
+            raise UsageError(f"{flag} {path}: this file has no sound track; give a recording") from None
+    if not len(mono):
         raise UsageError(f"{flag} {path}: the recording has no samples; give one with sound in it")
-    mono = samples.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise UsageError(f"{flag} {path}: the recording holds samples that are not numbers (NaN or infinite); "
+                         "export it again from the program that made it")
     if rate != AUDIO_SAMPLE_RATE:
         mono = soxr.resample(mono, rate, AUDIO_SAMPLE_RATE)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _decode_sound(source, flag: str, path: str, limit: int | None = None):
+    """A file's first sound track as mono float32 samples at AUDIO_SAMPLE_RATE, through PyAV (at most `limit`
+    samples decoded); None if it has none."""
+    import numpy as np
+    av = _require("av", "av", flag)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        with av.open(source if isinstance(source, io.BytesIO) else str(source)) as container:
+            if not container.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+            chunks = []
+            for frame in container.decode(container.streams.audio[0]):
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+                if limit is not None and sum(map(len, chunks)) >= limit:
+                    break
+            else:
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.FFmpegError, ValueError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable recording (WAV, FLAC, MP3, M4A, ...); "
+                         "check that the file is complete") from exc
+    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32))[:limit]
 
 
 def audio_pieces(samples, what: str) -> list:
@@ -631,9 +805,9 @@ def audio_pieces(samples, what: str) -> list:
 
 @dataclasses.dataclass
 class Video:
-    frames: object            # numpy uint8 (frames, height, width, 3), an even number of frames
+    frames: object            # numpy uint8 (frames, height, width, 3), upright, an even number of frames
     fps: float                # frames sampled per second of the clip
-    audio: object | None      # its sound track as 16 kHz mono float32, when asked for
+    audio: object | None      # its sound track's first AUDIO_WINDOW_SECONDS as 16 kHz mono float32, when asked for
     path: str = ""            # the file, which a serving engine is sent whole
 
     @property
@@ -641,36 +815,43 @@ class Video:
         return int(self.frames.shape[2]), int(self.frames.shape[1])
 
 
-def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path") -> Video:
-    """MP4, MOV, WebM... decoded with PyAV: frames sampled at `fps`, and the sound track if asked."""
+def load_video(path: str, fps: float, with_audio: bool, flag: str = "--video_path", max_pixels: int = DEFAULT_MAX_PIXELS,
+               budget=None) -> Video:
+    """MP4, MOV, WebM... decoded with PyAV, frame by frame: frames sampled at `fps`, turned upright from the
+    display rotation phones record, and scaled to the per-frame pixel budget as they come, so that memory grows
+    with the frames kept, not with the file. `budget(frames, width, height)` refuses a clip that would not fit
+    the model's context, before the rest is decoded. The first AUDIO_WINDOW_SECONDS of its sound track if asked."""
     import numpy as np
     av = _require("av", "av", flag)
-    file = _readable_file(flag, path, "a video file")
-    frames, audio = [], None
+    source = _readable_file(flag, path, "a video file")
+    frames, scale = [], None
     try:
-        with av.open(str(file)) as container:
+        with av.open(source if isinstance(source, io.BytesIO) else str(source)) as container:
             if not container.streams.video:
                 raise UsageError(f"{flag} {path}: this file has no video track; give a video "
                                  "(or pass a sound file with --audio_path)")
             stream = container.streams.video[0]
             rate, next_time = float(stream.average_rate or 25), 0.0
+            seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
             for index, frame in enumerate(container.decode(stream)):
-                if (frame.time if frame.time is not None else index / rate) + 1e-6 >= next_time:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    next_time += 1 / fps
-        if with_audio:
-            with av.open(str(file)) as container:
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
-                chunks = [out.to_ndarray().reshape(-1) for stream in container.streams.audio[:1]
-                          for frame in container.decode(stream) for out in resampler.resample(frame)]
-                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)] if chunks else []
-            if not chunks:
-                raise UsageError(f"{flag} {path}: this video has no sound track; drop --use_audio_in_video "
-                                 "or this video")
-            audio = np.concatenate(chunks)
+                if (frame.time if frame.time is not None else index / rate) + 1e-6 < next_time:
+                    continue
+                if scale is None:   # the first frame kept: the clip's size, and whether it fits at all
+                    scale = min(1.0, math.sqrt(video_max_pixels(max_pixels) / (frame.width * frame.height)))
+                    size = (max(1, int(frame.width * scale)), max(1, int(frame.height * scale)))
+                    if budget:
+                        budget(max(1, math.ceil(seconds * fps)), *size)
+                elif budget and len(frames) % 64 == 0:
+                    budget(len(frames), *size)   # a clip whose length its header did not tell
+                picture = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                frames.append(np.rot90(picture, k=round((frame.rotation or 0) / 90)))
+                next_time += 1 / fps
     except (av.FFmpegError, ValueError) as exc:
         raise UsageError(f"{flag} {path}: not a readable video (MP4, MOV, WebM, ...); "
                          "check that the file is complete") from exc
+    audio = _decode_sound(source, flag, path, AUDIO_WINDOW_SAMPLES + 1) if with_audio else None
+    if with_audio and audio is None:
+        raise UsageError(f"{flag} {path}: this video has no sound track; drop --use_audio_in_video or this video")
     if not frames:
         raise UsageError(f"{flag} {path}: no frame could be decoded; the file looks truncated")
     if len(frames) % 2:   # Qwen's vision encoder takes frames in pairs
@@ -688,11 +869,40 @@ class Media:
     decode_s: float = 0.0
 
 
-def load_media(options: Options) -> Media:
-    """Every media file decoded (and so checked) before any model is loaded."""
+def check_media_paths(options: Options) -> None:
+    """Every media flag's file exists and can be read: said before the model is even looked up."""
+    for flag, paths, what in (("--image_path", options.image_paths, "an image file"),
+                              ("--audio_path", options.audio_paths, "an audio file"),
+                              ("--video_path", options.video_paths, "a video file")):
+        for path in paths:
+            file = Path(path).expanduser()
+            if not file.exists() or file.is_dir() or not os.access(file, os.R_OK) or \
+                    (file.is_file() and file.stat().st_size == 0):
+                _readable_file(flag, path, what)
+
+
+def video_budget(info: ModelInfo | None, options: Options, what: str):
+    """budget(frames, width, height) for load_video: a clip whose tokens would not fit the model's context window
+    is refused (None without a model to ask: a serving engine decides)."""
+    if info is None or not info.vision or not info.context_window:
+        return None
+
+    def budget(frames: int, width: int, height: int) -> None:
+        tokens = video_tokens(info.vision, frames, width, height, options.max_pixels)
+        if tokens >= info.context_window:
+            raise UsageError(f"{what}: {frames} frames at --fps {options.fps:g} are about {tokens:,} tokens, and "
+                             f"{info.model_id} reads at most {info.context_window:,}; lower --fps, or cut the clip")
+    return budget
+
+
+def load_media(options: Options, info: ModelInfo | None = None) -> Media:
+    """Every media file decoded (and so checked) before any model is loaded; with the model's `info`, a video
+    too long for its context is refused before it is decoded."""
     start = time.perf_counter()
     media = Media(images=[load_image(path) for path in options.image_paths],
-                  videos=[load_video(path, options.fps, options.use_audio_in_video) for path in options.video_paths],
+                  videos=[load_video(path, options.fps, options.use_audio_in_video, max_pixels=options.max_pixels,
+                                     budget=video_budget(info, options, f"--video_path {path}"))
+                          for path in options.video_paths],
                   use_audio_in_video=options.use_audio_in_video)
     for path, image in zip(options.image_paths, media.images):
         width, height = image.size
@@ -792,23 +1002,27 @@ def flag_of_speech(options: Options) -> str:
 
 
 def check_speech_outputs(options: Options) -> None:
-    """Where the spoken reply goes, checked before anything is decoded or loaded: a typo costs nothing. The WAV's
-    folder exists and takes a new file (soundfile, which writes it after all the work, is there); --play has a
-    sound device."""
-    file = options.output_audio
-    if file is not None:
+    """Where the spoken reply goes, checked before anything is decoded or loaded: a typo costs nothing. The WAV
+    can be written there (a new file in a folder that takes one, a symlink's target, a FIFO or a device; soundfile,
+    which writes it after all the work, is there); --play has a sound device."""
+    if options.output_audio is not None:
         _require("soundfile", "soundfile", "--output_audio")
+        file, target = options.output_audio, options.output_audio.resolve()
         if file.is_dir():
             raise UsageError(f"--output_audio {file}: this is a folder; give a file name such as reply.wav")
-        if not file.parent.is_dir():
+        if file.exists() and not file.is_file():   # a FIFO, a device, /dev/stdout: written in place
+            if not os.access(file, os.W_OK):
+                raise UsageError(f"--output_audio {file}: cannot write to it (permission denied); choose another file")
+        elif not target.parent.is_dir():
             raise UsageError(f"--output_audio {file}: the folder {file.parent} does not exist; create it first")
-        try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
-            handle, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=file.parent)
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as exc:
-            raise UsageError(f"--output_audio {file}: cannot write in {file.parent} ({exc.strerror}); choose a "
-                             "folder you can write to") from exc
+        else:
+            try:   # a real file, at once removed: permissions, read-only disks and root all answer the same
+                handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+                os.close(handle)
+                os.unlink(probe)
+            except OSError as exc:
+                raise UsageError(f"--output_audio {file}: cannot write in {target.parent} ({exc.strerror}); choose "
+                                 "a folder you can write to") from exc
     if options.play and not options.dry_run:
         check_play()
 
@@ -939,6 +1153,13 @@ def prequantized_of(config: dict) -> Prequantized | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionFacts:
+    patch_size: int          # pixels per patch side (14)
+    merge_size: int          # patches merged per token side (2): one token covers 28 x 28 pixels
+    hidden_size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What config.json says, read without torch."""
     model_id: str
@@ -950,6 +1171,8 @@ class ModelInfo:
     local_only: bool = False  # the Hub is not to be asked (offline, or unreachable): the cache only
     prequantized: Prequantized | None = None
     speaks: bool = False      # an Omni checkpoint with its talker (enable_audio_output)
+    context_window: int | None = None   # the language model's max_position_embeddings
+    vision: VisionFacts | None = None
 
 
 def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "",
@@ -968,8 +1191,12 @@ def model_info_from_config(model_id: str, config: dict, path: str = "", revision
         kind = "multimodal"
     else:
         kind = "text"
+    text, vision = inner.get("text_config") or inner, inner.get("vision_config")
+    window = text.get("max_position_embeddings") or inner.get("max_position_embeddings")
     return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only,
-                     prequantized_of(config), kind == "omni" and config.get("enable_audio_output", True) is not False)
+                     prequantized_of(config), kind == "omni" and config.get("enable_audio_output", True) is not False,
+                     int(window) if window else None, VisionFacts(int(vision.get("patch_size", 14)), int(vision.get(
+                         "spatial_merge_size", 2)), int(vision.get("hidden_size", 1280))) if vision else None)
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -989,6 +1216,9 @@ def resolve_model(model_id: str) -> ModelInfo:
     local_only = False
     if path.is_dir():
         config_path = path / "config.json"
+        if config_path.is_dir():
+            raise UsageError(f"--model_id {model_id}: its config.json is a folder, not a file; download the model "
+                             "again")
         if not config_path.is_file():
             raise UsageError(f"--model_id {model_id}: this folder has no config.json; "
                              "point it at a model folder (one that holds config.json and the weights)")
@@ -1002,8 +1232,12 @@ def resolve_model(model_id: str) -> ModelInfo:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model_id {model_id}: config.json cannot be read ({exc}); "
-                         "the model folder looks damaged") from exc
+        raise UsageError(f"--model_id {model_id}: config.json cannot be read ({one_line(exc)}); "
+                         "the model folder looks damaged: download it again") from exc
+    if not isinstance(config, dict) or not config.get("model_type"):
+        what = "has no model_type" if isinstance(config, dict) else "is not a JSON object"
+        raise UsageError(f"--model_id {model_id}: its config.json {what}, so the model cannot be told; download it "
+                         "again (or use a model folder saved by transformers)")
     folder = config_path.parent.resolve()
     revision = folder.name if folder.parent.name == "snapshots" and not path.is_dir() else ""
     return model_info_from_config(model_id, config, str(folder), revision, local_only)
@@ -1016,6 +1250,11 @@ def _hub_config(repo_id: str) -> tuple[Path, bool]:
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
+    for name in ("HF_HOME", "HF_HUB_CACHE"):   # the cache's folders: a file there fails every download
+        value = os.environ.get(name)
+        if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+            raise UsageError(f"{name}={value} is not a folder; point it at the folder for the Hugging Face cache, "
+                             "or unset it")
     local_only = constants.HF_HUB_OFFLINE
     if not local_only and not hub_reachable(constants.ENDPOINT):
         say(f"📴 {constants.ENDPOINT} cannot be reached: using the local Hugging Face cache only")
@@ -1036,18 +1275,75 @@ def _hub_config(repo_id: str) -> tuple[Path, bool]:
                        "connect to the internet once to download it, or pass a local model folder") from exc
 
 
-def check_model_folder(model_id: str) -> None:
-    """A local model folder holds weights and a tokenizer: said before anything loads. (A dry run
-    needs only config.json; a Hub id downloads what it lacks.)"""
-    folder = Path(model_id).expanduser()
+def check_model_folder(info: ModelInfo) -> None:
+    """A local model folder holds whole weights, a readable tokenizer and (for pictures and sound) its processor's
+    config: said before anything loads, naming the file. (A dry run needs only config.json; a Hub id downloads
+    what it lacks.)"""
+    folder, model_id = Path(info.model_id).expanduser(), info.model_id
     if not folder.is_dir():
         return
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    weights = sorted(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern))
+    for path in [*weights, *(folder / name for name in (*TOKENIZER_FILES, *PROCESSOR_FILES))]:
+        if path.is_dir():
+            raise UsageError(f"--model_id {model_id}: {path.name} is a folder, not a file; download the model again")
+    if not weights:
         raise UsageError(f"--model_id {model_id}: this folder has no weights (model.safetensors or "
                          "model-00001-of-0000N.safetensors); copy the whole model repository into it")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"--model_id {model_id}: this folder has no tokenizer (tokenizer.json, "
                          "tokenizer_config.json); copy the whole model repository into it")
+    if info.kind != "text" and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise UsageError(f"--model_id {model_id}: this folder has no processor config ({' or '.join(PROCESSOR_FILES)}"
+                         ", which says how pictures and sound are read); download the model again")
+    index = folder / "model.safetensors.index.json"
+    shards = set(_json_file(index, model_id).get("weight_map", {}).values()) if index.is_file() else set()
+    missing = sorted(name for name in shards if not (folder / name).is_file())
+    if missing:
+        raise UsageError(f"--model_id {model_id}: {missing[0]}, which model.safetensors.index.json lists, is missing"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; download the model again")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path, model_id)
+    if (folder / "tokenizer.json").is_file():
+        _json_file(folder / "tokenizer.json", model_id)
+    try:   # without it transformers decodes greedily, which is no wrong answer, but not the checkpoint's choice
+        if (folder / "generation_config.json").exists():
+            _json_file(folder / "generation_config.json", model_id)
+    except UsageError as exc:
+        say(f"⚠️ {exc}: decoding follows transformers' defaults (greedy) instead of the checkpoint's own settings, "
+            "unless --temperature, --top_p or --top_k say otherwise")
+
+
+def _json_file(path: Path, model_id: str) -> dict:
+    """A model file that must hold a JSON object, or a UsageError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model_id {model_id}: {path.name} is damaged ({one_line(exc, 100)}); download the "
+                         "model again") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--model_id {model_id}: {path.name} is not what it should be (a JSON object); download the "
+                         "model again")
+    return data
+
+
+def _check_safetensors(path: Path, model_id: str) -> None:
+    """A safetensors file's header parses and its tensors fit in the file: a download cut short is said now, not as
+    a loader's traceback (the weights themselves are not read)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length <= min(size - 8, 100_000_000) else None
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        header = None
+    if header is None:
+        raise UsageError(f"--model_id {model_id}: {path.name} is not a readable safetensors file; download the "
+                         "model again")
+    if 8 + length + end > size:
+        raise UsageError(f"--model_id {model_id}: {path.name} is cut short ({size:,} of the {8 + length + end:,} "
+                         "bytes its header describes); download the model again")
 
 
 def check_checkpoint(info: ModelInfo, options: Options) -> None:
@@ -1090,13 +1386,6 @@ def load_config(info: ModelInfo, trust_remote_code: bool):
         raise RunError(f"--model_id {info.model_id}: model type '{info.model_type}' is not known to "
                        f"transformers {transformers.__version__}; upgrade it with "
                        "`pip install -U transformers`") from exc
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionFacts:
-    patch_size: int          # pixels per patch side (14)
-    merge_size: int          # patches merged per token side (2): one token covers 28 x 28 pixels
-    hidden_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1164,7 +1453,6 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
                                 for p in module.parameters(recurse=False))
     inner = getattr(config, "thinker_config", config)
     text = inner.get_text_config()
-    vision = getattr(inner, "vision_config", None)
     talker = getattr(config, "talker_config", None)
     talker = getattr(talker, "text_config", None) or talker   # Qwen3-Omni nests the talker's language model
     return ModelFacts(
@@ -1172,10 +1460,8 @@ def model_facts(config, info: ModelInfo, trust_remote_code: bool) -> ModelFacts:
         kv_elements_per_token=_kv_elements(text), num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         talker_kv_elements_per_token=_kv_elements(talker) if "talker" in parameters else 0,
-        prequantized=info.prequantized, context_window=getattr(text, "max_position_embeddings", None),
-        attention_heads=text.num_attention_heads, meta_model=model,
-        vision=VisionFacts(vision.patch_size, getattr(vision, "spatial_merge_size", 2), vision.hidden_size)
-        if vision is not None else None)
+        prequantized=info.prequantized, context_window=info.context_window, attention_heads=text.num_attention_heads,
+        meta_model=model, vision=info.vision)
 
 
 def _model_class(info: ModelInfo, thinker_only: bool):
@@ -1359,10 +1645,10 @@ def simulated_hardware(spec: str) -> Hardware:
     machine's CPU and RAM."""
     kind, sizes, mac = parse_hardware_spec(spec)
     if kind == "mps":
-        ram, chip = int(sizes[0] * GB), mac.get("chip", SIMULATED_MAC_CHIP)
+        ram, chip, macos = int(sizes[0] * GB), mac.get("chip", SIMULATED_MAC_CHIP), mac.get("macos", SIMULATED_MACOS)
         return Hardware(system="Darwin", machine="arm64", cpu_count=8, cpu_bf16=chip != "M1", ram_total=ram,
-                        ram_available=ram, mps_built=True, mps_available=True, simulated=spec, chip=chip,
-                        macos=mac.get("macos", SIMULATED_MACOS), metal_kernels=True)
+                        ram_available=ram, mps_built=True, mps_available=macos >= MPS_MACOS, simulated=spec,
+                        chip=chip, macos=macos, metal_kernels=True)
     system, machine = platform.system(), platform.machine()
     if kind == "cpu":
         ram = int(sizes[0] * GB)
@@ -1442,6 +1728,7 @@ class Estimate:
     media_tokens: int
     kv_cache_bytes: int
     activation_bytes: int
+    prompt_tokens: int = 0                   # the prompt's text (estimated) and media tokens
 
     @property
     def parameters(self) -> int:
@@ -1476,6 +1763,7 @@ class Plan:
     budget_bytes: int | None = None
     budget_source: str = ""
     fits: bool = True
+    proceeds: bool = True              # a real run goes ahead: it fits, or the user chose the accelerator
     gpus: tuple[int, ...] = ()
     components: tuple[str, ...] = ()   # what loads: ("thinker",) for Omni without speech
     quantizer: str = ""                # "bitsandbytes", "metal", or a saved checkpoint's own ("awq", ...)
@@ -1553,7 +1841,7 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
         media += sum(images) + sum(videos)
         encoded_patches = max([t - 2 for t in images + videos], default=0) * facts.vision.merge_size ** 2
     prompt = workload.text_tokens + media
-    context = prompt + options.sampling.max_new_tokens
+    context = min(prompt + options.sampling.max_new_tokens, facts.context_window or math.inf)   # never past it
     kv = context * facts.kv_elements_per_token * width
     if "talker" in components:
         kv += (context + options.speech_codes) * facts.talker_kv_elements_per_token * width
@@ -1563,7 +1851,7 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
                    + prompt * facts.intermediate_size * PREFILL_VALUES_PER_TOKEN * width)
     if encoded_patches:
         activations += encoded_patches * facts.vision.hidden_size * VISION_VALUES_PER_PATCH * width
-    return Estimate(sizes, context, media, kv, activations)
+    return Estimate(sizes, context, media, kv, activations, prompt)
 
 
 def metal_budget(hw: Hardware) -> tuple[int, str]:
@@ -1832,11 +2120,12 @@ def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Wor
         if first is None:
             first, first_line, fallback = candidate, line, (estimate, where)
             reasons = [*candidate.reasons, line]
-            if not where.fits and options.forced:
+            if not where.fits and options.forced and candidate.device != "cpu":   # out of memory falls back there
                 reasons.append(f"⚠️ Going ahead on {_device_name(candidate.device)} because you asked for it; "
-                               "expect offloading or an out-of-memory fallback")
+                               "expect offloading or an out-of-memory fallback to the CPU")
             if options.forced or (where.fits and not missing):
-                return _plan(candidate, tier, reasons, estimate, where, components)
+                return _plan(candidate, tier, reasons, estimate, where, components, proceeds=where.fits or
+                             candidate.device != "cpu")
         if where.fits and missing:
             notes.append(f"💡 {candidate.quantization.replace('bit', '-bit')} quantization would fit on "
                          f"{_device_name(candidate.device)} "
@@ -1849,9 +2138,10 @@ def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Wor
 
 
 def _plan(candidate: Candidate, tier: str, reasons: list[str], estimate: Estimate, where: Placement,
-          components: tuple[str, ...]) -> Plan:
+          components: tuple[str, ...], proceeds: bool | None = None) -> Plan:
     return Plan(candidate.device, candidate.dtype, candidate.quantization, tier, tuple(reasons), estimate,
-                where.budget, where.source, where.fits, where.gpus, components, candidate.quantizer)
+                where.budget, where.source, where.fits, where.fits if proceeds is None else proceeds, where.gpus,
+                components, candidate.quantizer)
 
 
 def unquantized_name(model_id: str) -> str | None:
@@ -1882,9 +2172,9 @@ def does_not_fit_message(facts: ModelFacts, plan: Plan, hw: Hardware) -> str:
         if not pre:
             options.append("Qwen's own 4-bit checkpoint of it (AWQ or GPTQ) on an NVIDIA GPU")
         options.append("a serving engine (vLLM, SGLang) on a machine with more GPU memory")
-    else:
-        options += ["fewer --max_new_tokens" + (" or --max_pixels" if estimate.media_tokens else ""),
-                    "--device to force it anyway"]
+    else:   # forcing an accelerator can go ahead (its out-of-memory falls back); forcing the CPU cannot
+        options += ["fewer --max_new_tokens" + (" or --max_pixels" if estimate.media_tokens else "")]
+        options += ["--device to force it anyway"] if hw.cuda or hw.mps_available else []
     cpu = "" if plan.device == "cpu" else f", and the CPU has {format_bytes(hw.ram_available)} of RAM available"
     return (f"{facts.model_id} needs about {format_bytes(estimate.total)} on {_device_name(plan.device)} "
             f"in {precision_of(plan)} (weights {format_bytes(estimate.weights_bytes)}) but there is "
@@ -1934,7 +2224,7 @@ def plan_as_dict(facts: ModelFacts, plan: Plan, hw: Hardware) -> dict:
         "context_tokens": estimate.context_tokens, "media_tokens": estimate.media_tokens,
         "kv_cache_bytes": estimate.kv_cache_bytes, "activation_bytes": estimate.activation_bytes,
         "estimated_bytes": estimate.total, "budget_bytes": plan.budget_bytes, "budget": plan.budget_source,
-        "fits": plan.fits, "reasons": list(plan.reasons), "hardware": describe_hardware(hw),
+        "fits": plan.fits, "proceeds": plan.proceeds, "reasons": list(plan.reasons), "hardware": describe_hardware(hw),
         "mac": {"chip": hw.chip, "macos": ".".join(map(str, hw.macos))} if hw.apple_silicon else None,
     }
 
@@ -1966,19 +2256,36 @@ def describe_plan(plan: Plan) -> list[str]:
     return lines
 
 
-def dry_run(facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
+def dry_run(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
     """--dry_run: the plan; for a model too big here (or a --hardware GPU server) the serving engine's
-    command; last, whether a real run would go ahead."""
+    command; last, whether a real run would go ahead (a prompt past the context window stops it, as in a run)."""
     for line in describe_plan(plan):
         say(line)
+    counted = counted_prompt(info, options, media)
+    fit_context(options.sampling, facts.context_window, counted or plan.estimate.prompt_tokens, facts.model_id,
+                "" if counted else "about ")
     if options.json:
         write_stdout(json.dumps(plan_as_dict(facts, plan, hw), indent=2) + "\n")
     if not plan.fits or (hw.simulated and hw.cuda):
         for line in engine_command(facts, hw, options, workload_of(options, media)):
             say(line)
-    say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}" if not plan.fits else
-        "✅ Dry run: no weights were loaded; a real run would follow this plan")
-    return EXIT_OK if plan.fits else EXIT_FAILURE
+    if not plan.proceeds:
+        say(f"❌ A real run would stop here: {does_not_fit_message(facts, plan, hw)}")
+        return EXIT_FAILURE
+    say("✅ Dry run: no weights were loaded; a real run would " + ("follow this plan" if plan.fits else
+        f"go ahead on {_device_name(plan.device)} as asked, and fall back to the CPU if memory runs out"))
+    return EXIT_OK
+
+
+def counted_prompt(info: ModelInfo, options: Options, media: Media) -> int | None:
+    """The prompt's tokens as a run counts them (the chat template and the media through the checkpoint's own
+    processor), where its files are already here; None where they would need a download."""
+    if not any((Path(info.path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    processor = load_processor(info, options.max_pixels, {"trust_remote_code": options.trust_remote_code,
+                                                          "local_files_only": True})
+    messages = build_messages(options.prompt or "", options.system_prompt, media, info.kind)
+    return int(prepare_inputs(processor, messages, "cpu", media)["input_ids"].shape[-1])
 
 
 def engine_command(facts: ModelFacts, hw: Hardware, options: Options, workload: Workload) -> list[str]:
@@ -2066,7 +2373,7 @@ def _metal_kernels_ready(plan: Plan) -> None:
         _get_metal_kernel()
     except ImportError as exc:
         raise RunError(f"{plan.quantization} Metal quantization: its kernels could not be loaded ("
-                       f"{str(exc).splitlines()[0][:160]}); they come from the Hugging Face Hub on first use, so "
+                       f"{one_line(exc, 160)}); they come from the Hugging Face Hub on first use, so "
                        "connect once, or use --device cpu") from exc
 
 
@@ -2086,11 +2393,12 @@ def cap_metal_memory(plan: Plan) -> None:
 
 def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: bool = False,
                max_pixels: int = DEFAULT_MAX_PIXELS):
-    """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models.
-    An Omni model loads its thinker alone when the plan leaves the talker out."""
+    """(model, processor) through transformers' Auto classes; processor is a tokenizer for text-only models,
+    read first (a damaged one is said before minutes of loading). An Omni model loads its thinker alone when
+    the plan leaves the talker out."""
     import torch
-    from transformers import AutoProcessor, AutoTokenizer
     common = dict(trust_remote_code=trust_remote_code, local_files_only=info.local_only)
+    processor = load_processor(info, max_pixels, common)
     kwargs = dict(dtype=getattr(torch, plan.dtype), **common, **device_map_for(plan, hw, info.kind))
     if plan.device == "cuda":
         # cuDNN's attention builds a plan for every new sequence length, which in decoding is every
@@ -2105,7 +2413,7 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
         kwargs["use_safetensors"] = True   # never the pickled .bin beside them
     thinker_only = info.kind == "omni" and plan.components == ("thinker",)
     try:
-        model = _model_class(info, thinker_only).from_pretrained(info.model_id, **kwargs)
+        model = _from_pretrained(_model_class(info, thinker_only), info, kwargs)
     except Exception as exc:   # transformers loads .bin files with weights_only: a pickle with code is refused
         if "weights only load failed" in str(exc).lower() or "weights_only" in str(exc):
             raise RunError(f"--model_id {info.model_id}: its weights file holds objects or code that PyTorch will "
@@ -2113,22 +2421,62 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
                            "you trust") from exc
         if plan.quantization and isinstance(exc, (RuntimeError, ImportError, ValueError)) and not is_out_of_memory(exc):
             raise RunError(f"{plan.quantization} {plan.quantizer} quantization could not load: "
-                           f"{str(exc).strip().splitlines()[0]}") from exc
+                           f"{one_line(exc, 300)}") from exc
         raise
     if plan.quantizer == "metal":
         _metal_kernels_ready(plan)
     model.eval()
-    processor = (AutoTokenizer if info.kind == "text" else AutoProcessor).from_pretrained(info.model_id, **common)
-    # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
-    for name, low, high in (("image_processor", MIN_PIXELS, max_pixels),
-                            ("video_processor", VIDEO_MIN_PIXELS, video_max_pixels(max_pixels))):
-        if hasattr(getattr(processor, name, None), "size"):
-            getattr(processor, name).size = {"shortest_edge": low, "longest_edge": high}
     offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if plan.device != "cpu" and offloaded:
         say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
             "(slow). A smaller model or --quantize 4bit would fit")
     return model, processor
+
+
+def load_processor(info: ModelInfo, max_pixels: int, common: dict):
+    """The checkpoint's processor (its tokenizer for a text model), pictures limited to the pixels the plan counted;
+    a tokenizer that cannot be read, or has no chat template, is one line naming what to do."""
+    from transformers import AutoProcessor, AutoTokenizer
+    try:
+        processor = (AutoTokenizer if info.kind == "text" else AutoProcessor).from_pretrained(info.model_id, **common)
+    except Exception as exc:   # OSError, ValueError, and tokenizers' bare Exception for a damaged tokenizer.json
+        raise UsageError(f"--model_id {info.model_id}: its tokenizer or processor files cannot be read "
+                         f"({one_line(exc, 160)}); download the model again") from exc
+    if not (getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                  "chat_template", None)):
+        raise UsageError(f"--model_id {info.model_id}: its tokenizer has no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json), so it cannot be asked a question; use the "
+                         "model's Instruct checkpoint, or download it again")
+    # The plan counted visual tokens with these limits; checkpoints ship up to 12.8 megapixels.
+    for name, low, high in (("image_processor", MIN_PIXELS, max_pixels),
+                            ("video_processor", VIDEO_MIN_PIXELS, video_max_pixels(max_pixels))):
+        if hasattr(getattr(processor, name, None), "size"):
+            getattr(processor, name).size = {"shortest_edge": low, "longest_edge": high}
+    return processor
+
+
+def _from_pretrained(model_class, info: ModelInfo, kwargs: dict):
+    """The model, refused when its files do not cover it: a tensor missing, or of another shape (transformers
+    would fill it with random values, and the answer would be wrong without a word). Qwen2.5-Omni's own
+    from_pretrained cannot say so (it loads its voices after the weights): its parent's loads the weights, then
+    the voices load."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+    kwargs = {**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    if info.kind == "omni" and model_class is transformers.AutoModelForMultimodalLM:   # the whole Omni model
+        model_class = getattr(transformers, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[info.model_type])
+    if hasattr(model_class, "load_speakers"):
+        model, report = super(model_class, model_class).from_pretrained(info.model_id, **kwargs)
+        model.load_speakers(Path(info.path) / "spk_dict.pt")
+    else:
+        model, report = model_class.from_pretrained(info.model_id, **kwargs)
+    wrong = [f"{name} (missing)" for name in sorted(report.get("missing_keys", ()))]
+    wrong += [f"{name} ({'x'.join(map(str, saved))} in the files, {'x'.join(map(str, wanted))} in the model)"
+              for name, saved, wanted in sorted(report.get("mismatched_keys", ()))]
+    if wrong:
+        raise RunError(f"--model_id {info.model_id}: its weight files do not match the model: {', '.join(wrong[:3])}"
+                       + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "") + "; download it again")
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2171,16 +2519,22 @@ def choose_runtime(model, device: str, options: Options) -> Runtime:
     if speaks and not getattr(model, "has_talker", False):
         raise RunError(f"{flag_of_speech(options)}: {type(model).__name__} was loaded without its talker, so it "
                        "cannot speak; drop the flag, or use a complete Qwen2.5-Omni checkpoint")
+    thinker = model.thinker if speaks else model
+    try:   # the flags were checked as they were parsed: a setting refused here is the checkpoint's
+        settings = _decoding_settings(thinker, options.sampling.generate_kwargs(),
+                                      torch.zeros((1, 1), dtype=torch.long, device=thinker.device))
+    except ValueError as exc:
+        raise UsageError(f"--model_id {options.model_id}: its generation_config.json asks for decoding that "
+                         f"transformers refuses ({one_line(exc, 160)}); override it (--temperature, --top_p, "
+                         "--top_k) or correct that file") from exc
     slow = f"🐢 Decoding with transformers' generate(){' for the text and the spoken reply' if speaks else ''}"
     if not options.fast_decode:
         return Runtime(device, "generate", f"{slow} (--no_fast_decode)", speaks)
-    thinker = model.thinker if speaks else model
     why_not = fast_decoding_unsupported(thinker) or (speaks and fast_decoding_unsupported(model.talker,
                                                                                            model.talker.model))
     if why_not:
         return Runtime(device, "generate", f"{slow}: the fast decoder does not handle {why_not}", speaks)
-    probe = torch.zeros((1, 1), dtype=torch.long, device=thinker.device)
-    if _decoding_settings(thinker, options.sampling.generate_kwargs(), probe) is None:
+    if settings is None:
         return Runtime(device, "generate", "🐢 These decoding settings need transformers' generate(); the fast "
                                            "decoder is not used", speaks)
     fast = "⚡ Fast decoding: a static KV cache, " + ("one CUDA graph per step" if device in COMPILING_DEVICES else
@@ -2191,7 +2545,7 @@ def choose_runtime(model, device: str, options: Options) -> Runtime:
             say("⚠️ --compile is used on NVIDIA GPUs only (it made no difference on a CPU; on Apple Silicon "
                 "torch.compile is still experimental)")
         draw = device == "mps"
-        sampled = speaks or effective_sampling(model.generation_config, options.sampling)["do_sample"]
+        sampled = speaks or settings[0].do_sample
         return Runtime(device, "step", fast + (", each sampled token drawn on the CPU" if draw and sampled else "")
                        + " (--no_fast_decode: transformers' generate())", speaks, 0, draw)
     if options.compile_layers:
@@ -2488,7 +2842,7 @@ def _decoding_settings(model, generate_kwargs: dict, prompt):
             generation_config=config, input_ids_seq_length=prompt.shape[-1], encoder_input_ids=prompt,
             prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=prompt.device,
             model_kwargs=model_kwargs)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError):   # a ValueError (a setting transformers refuses) is the caller's to say
         return None
     end = config.eos_token_id
     end = set() if end is None else set(end) if isinstance(end, (list, tuple)) else {end}
@@ -3325,28 +3679,30 @@ class Outcome:
     audio_path: Path | None = None
 
 
-def fit_context(sampling: Sampling, window: int | None, prompt_tokens: int, model_id: str) -> Sampling:
-    """The sampling settings for a prompt of this many tokens: a prompt the model cannot read is
-    refused before generating; an answer that would run past the context window is cut to fit."""
+def fit_context(sampling: Sampling, window: int | None, prompt_tokens: int, model_id: str,
+                about: str = "") -> Sampling:
+    """The sampling settings for a prompt of this many tokens (`about` them, where they were estimated): a prompt
+    the model cannot read is refused before generating; an answer that would run past the window is cut to fit."""
     if not window:
         return sampling
     if prompt_tokens >= window:
-        raise UsageError(f"--prompt: the prompt is {prompt_tokens:,} tokens (with the chat template and any "
+        raise UsageError(f"--prompt: the prompt is {about}{prompt_tokens:,} tokens (with the chat template and any "
                          f"attached files), and {model_id} reads at most {window:,}; shorten it, or attach "
                          "fewer or smaller files (--max_pixels)")
     room = window - prompt_tokens
     if sampling.max_new_tokens <= room:
         return sampling
-    say(f"⚠️ The prompt is {prompt_tokens:,} tokens and the model reads at most {window:,}: the answer stops "
+    say(f"⚠️ The prompt is {about}{prompt_tokens:,} tokens and the model reads at most {window:,}: the answer stops "
         f"after {room:,} tokens, not --max_new_tokens {sampling.max_new_tokens:,}")
     return dataclasses.replace(sampling, max_new_tokens=room, min_new_tokens=min(sampling.min_new_tokens, room))
 
 
 def write_wav(path: Path, samples, rate: int) -> None:
-    """A 16-bit PCM WAV, written atomically."""
+    """A 16-bit PCM WAV (made whole in memory, so that a pipe or a device takes it too), written by write_output."""
     import soundfile
-    write_atomically(path, lambda temporary: soundfile.write(temporary, samples, rate, subtype="PCM_16",
-                                                             format="WAV"))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, subtype="PCM_16", format="WAV")
+    write_output(path, buffer.getvalue(), f"--output_audio {path}")
 
 
 def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media) -> Outcome:
@@ -3561,11 +3917,12 @@ def server_answer(client, options: Options, messages: list[dict], show: str) -> 
     """One answer from the engine, streamed as it comes (server-sent events), timed from here: the time
     to the first token, and the tokens a second from the engine's own count (its usage) when it gives it."""
     request, extra = server_request(options, messages)
-    parts, times, usage, served = [], [], None, None
+    parts, times, usage, served, chunks = [], [], None, None, 0
     start = time.perf_counter()
     try:
-        for chunk in client.chat.completions.create(**request, extra_body=extra or None):
-            served, usage = chunk.model or served, chunk.usage or usage
+        stream = client.chat.completions.create(**request, extra_body=extra or None)
+        for chunk in stream:
+            served, usage, chunks = chunk.model or served, chunk.usage or usage, chunks + 1
             for choice in chunk.choices:
                 if choice.delta and choice.delta.content:
                     times.append(time.perf_counter())
@@ -3579,6 +3936,11 @@ def server_answer(client, options: Options, messages: list[dict], show: str) -> 
         if isinstance(exc, Exception):
             raise server_error(exc, client, options, bool(parts)) from exc
         raise
+    if not chunks:   # a web page, or an empty stream: no engine answered, and an empty answer would look like one
+        kind = stream.response.headers.get("content-type", "").split(";")[0] or "no content type"
+        raise RunError(f"--server {options.server}: what came back is not an answer over the OpenAI protocol "
+                       f"({'an HTML page' if 'html' in kind else 'an empty stream' if 'event-stream' in kind else kind})"
+                       "; give the engine's OpenAI base URL (it usually ends in /v1)")
     text = "".join(parts)
     end_answer(show, text)
     new = usage.completion_tokens if usage else len(parts)   # without usage, a streamed piece is about a token
@@ -3648,7 +4010,9 @@ class Conversation:
         elif modality == "audio":
             self.pending.audios += audio_pieces(load_audio(path, "/audio"), f"/audio {path}")
         else:
-            self.pending.videos.append(load_video(path, self.options.fps, self.options.use_audio_in_video, "/video"))
+            self.pending.videos.append(load_video(path, self.options.fps, self.options.use_audio_in_video, "/video",
+                                                  self.options.max_pixels, video_budget(self.info, self.options,
+                                                                                        f"/video {path}")))
         self.pending.decode_s += time.perf_counter() - start
         self.pending_paths.append(path)
 
@@ -3693,7 +4057,7 @@ def _save(chat: Conversation, command: str, rest: str) -> None:
     if target.is_dir() or not target.parent.is_dir():
         raise UsageError(f"/save {rest}: give a file in a folder that exists")
     text = json.dumps({"model_id": chat.info.model_id, "messages": chat.record}, indent=2, ensure_ascii=False)
-    write_atomically(target, lambda temporary: Path(temporary).write_text(text + "\n", encoding="utf-8"))
+    write_output(target, (text + "\n").encode("utf-8"), f"/save {rest}")
     say(f"💾 Saved {len(chat.record)} messages to {target}")
 
 
@@ -3715,9 +4079,12 @@ def _next_line(queue: list, terminal: bool) -> str | None:
             sys.stderr.write("you> ")
             sys.stderr.flush()
         try:
-            line = sys.stdin.readline()
+            line = read_stdin(line=True) if sys.stdin is not None else ""
         except KeyboardInterrupt:   # Ctrl-C at the prompt: a new prompt
             say("")
+            continue
+        except UsageError as exc:   # bytes that are not text: said, and the chat goes on
+            say(f"Error: {exc}")
             continue
         return line or None
 
@@ -3732,9 +4099,8 @@ def _chat_turn(conversation: Conversation, run_turn) -> None:
         return
     except Exception as exc:   # out of memory, a bad turn: the session goes on
         conversation.take_back()
-        what = "out of memory; /clear starts a shorter conversation" if is_out_of_memory(exc) else \
-            str(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {exc}"
-        say(f"Error: {what}")
+        what = one_line(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {one_line(exc, 300)}"
+        say(f"Error: {'out of memory; /clear starts a shorter conversation' if is_out_of_memory(exc) else what}")
         return
     conversation.reply(conversation.last.text)
     if conversation.options.verbose:
@@ -3772,7 +4138,7 @@ def chat_loop(conversation: Conversation, media: Media, run_turn) -> int:
     options = conversation.options
     conversation.pending = media
     conversation.pending_paths = [*options.image_paths, *options.audio_paths, *options.video_paths]
-    terminal = sys.stdin.isatty()
+    terminal = stdin_is_terminal()
     say("💬 Chat: type a message and press Enter; /help lists the commands")
     queue = [options.prompt] if options.prompt else []
     while (line := _next_line(queue, terminal)) is not None:
@@ -3790,8 +4156,8 @@ def chat_loop(conversation: Conversation, media: Media, run_turn) -> int:
             if command not in CHAT_COMMANDS:
                 raise UsageError(f"{command}: unknown command; /help lists them")
             CHAT_COMMANDS[command](conversation, command, rest.strip())
-        except (UsageError, OSError) as exc:
-            say(f"Error: {exc}")
+        except (UsageError, RunError, OSError) as exc:
+            say(f"Error: {one_line(exc)}")
     say("👋 Bye")
     return EXIT_OK
 
@@ -3881,17 +4247,18 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything the user typed is checked before anything heavy happens.
     check_speech_outputs(options)
-    media = load_media(options)
+    check_media_paths(options)
     info = resolve_model(options.model_id)
     check_modalities(options, info)
     check_checkpoint(info, options)
+    media = load_media(options, info)
     speech = choose_speech(options, info)
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
     quiet_libraries(options.debug)
     facts = model_facts(load_config(info, options.trust_remote_code), info, options.trust_remote_code)
     if not options.dry_run:
-        check_model_folder(options.model_id)
+        check_model_folder(info)
     hw = simulated_hardware(options.hardware) if options.hardware else detect_hardware()
     check_device_available(hw, options)
     for line in describe_hardware(hw):
@@ -3901,8 +4268,8 @@ def run(args: argparse.Namespace) -> int:
     for line in plan.reasons:
         say(line)
     if options.dry_run:
-        return dry_run(facts, plan, hw, options, media)
-    if not plan.fits:
+        return dry_run(info, facts, plan, hw, options, media)
+    if not plan.proceeds:
         raise RunError(does_not_fit_message(facts, plan, hw))
 
     if options.seed is not None:
@@ -3910,7 +4277,10 @@ def run(args: argparse.Namespace) -> int:
         set_seed(options.seed)
     if options.interactive:
         return chat(info, facts, plan, hw, options, media)
-    outcome = answer_once(info, facts, plan, hw, options, media, speech)
+    if options.answer_to_stderr:
+        say(f"🔊 stdout carries the spoken reply (--output_audio {options.output_audio}): the answer's text comes here")
+    with contextlib.redirect_stdout(sys.stderr) if options.answer_to_stderr else contextlib.nullcontext():
+        outcome = answer_once(info, facts, plan, hw, options, media, speech)
     say(describe_stats(outcome.stats))
     if options.verbose:
         say(describe_stages(outcome.stats))
@@ -3944,7 +4314,7 @@ def main(argv: list[str] | None = None) -> int:
         say("\n⏹️ Interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:   # anything unexpected: one line, the traceback with --debug
-        message = f"{type(exc).__name__}: {exc}"
+        message = f"{type(exc).__name__}: {one_line(exc, 300)}"
         if is_out_of_memory(exc):
             message = f"out of memory ({message})"
         error = RunError(message + " (run again with --debug for the traceback)")
@@ -3958,8 +4328,7 @@ def _fail(exc: Exception, code: int, debug: bool) -> int:
     if debug:
         import traceback
         traceback.print_exception(exc)
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"Error: {first_line}", file=sys.stderr, flush=True)
+    print(f"Error: {one_line(exc) or type(exc).__name__}", file=sys.stderr, flush=True)
     return code
 
 

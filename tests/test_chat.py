@@ -126,3 +126,17 @@ def test_no_prompt_at_a_terminal_starts_a_chat(tiny_models):
     assert child.returncode == 0, stderr
     assert stdout == expected + "\n"
     assert "💬 Chat" in stderr and stderr.count("you> ") == 2 and stderr.rstrip().endswith("👋 Bye")
+
+
+def test_bytes_that_are_not_text_are_an_error_line_and_the_chat_goes_on(tiny_models):
+    """A line of binary bytes in a piped chat: one Error: line, and the next message is answered as the first."""
+    model = tiny_models["qwen2_5_vl"]
+    fresh = reference_chat(model, [("Hello cat", [])])[0]
+    result = subprocess.run([sys.executable, str(SCRIPT), "--model_id", str(model), *CHAT],
+                            input=b"\xff\xfe\x00binary\n" + b"Hello cat\n", capture_output=True, env=offline_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == fresh + "\n"
+    errors = [line for line in result.stderr.decode().splitlines() if line.startswith("Error: ")]
+    assert errors == ["Error: that line is not UTF-8 text (invalid start byte at byte 0); convert it first (iconv)"]
+

@@ -146,3 +146,24 @@ def test_compile_off_nvidia_gpus_says_so_and_answers_the_same(tiny_models):
     assert compiled.returncode == 0, compiled.stderr
     assert "⚠️ --compile is used on NVIDIA GPUs only" in compiled.stderr
     assert compiled.stdout == plain.stdout and compiled.stdout.strip()
+
+
+def test_a_generation_config_that_cannot_be_read_is_said(tiny_models, tmp_path):
+    """transformers would quietly decode greedily instead of as the checkpoint says: said, and the answer goes on."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    (folder / "generation_config.json").write_text('{"temperature": ')
+    result = run_tool("--model_id", folder, "--prompt", "Hello cat", "--max_new_tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"⚠️ --model_id {folder}: generation_config.json is damaged (" in result.stderr
+    assert "decoding follows transformers' defaults (greedy) instead of the checkpoint's own settings" in result.stderr
+
+
+def test_an_error_over_several_lines_keeps_its_reason_and_the_debug_hint(tiny_models, tmp_path):
+    """A model's own code that fails with a message of several lines (as libraries' often are): one Error: line
+    with all of its reason and the --debug hint, not just its first line."""
+    folder = remote_code_model(tiny_models, tmp_path)
+    (folder / "modeling_custom.py").write_text("raise RuntimeError('the first line of the reason\\nand the second')\n")
+    result = run_tool("--model_id", folder, "--prompt", "Hello cat", "--trust_remote_code", *GREEDY)
+    assert_one_line_error(result, 1, "RuntimeError: the first line of the reason and the second (run again with "
+                                     "--debug for the traceback)")

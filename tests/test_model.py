@@ -69,3 +69,24 @@ def test_hub_id_from_the_offline_cache(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     assert "📴 http://127.0.0.1:9 cannot be reached: using the local Hugging Face cache only" in result.stderr
+
+
+def test_hf_home_that_is_not_a_folder_is_one_line(tmp_path):
+    """Every download would fail in it: said before the Hub is asked."""
+    from conftest import assert_one_line_error
+
+    (tmp_path / "hf").write_text("not a folder")
+    result = run_tool("--model_id", "Qwen/Qwen2.5-0.5B-Instruct", "--prompt", "hi",
+                      env=offline_env(HF_HOME=str(tmp_path / "hf")))
+    assert_one_line_error(result, 2, f"Error: HF_HOME={tmp_path / 'hf'} is not a folder; point it at the folder for "
+                                     "the Hugging Face cache, or unset it", alone=True)
+
+
+def test_context_window_and_vision_are_read_from_config_json(real_facts):
+    """What the media checks need before any model class is built, from config.json alone: the same figures
+    the model's own config gives."""
+    info = rm.resolve_model(str(CONFIGS / "Qwen--Qwen2.5-VL-3B-Instruct"))
+    assert info.context_window == 128_000 and info.vision == rm.VisionFacts(14, 2, 1280)
+    omni = rm.resolve_model(str(CONFIGS / "Qwen--Qwen2.5-Omni-3B"))
+    assert omni.context_window == 32_768 and real_facts["Qwen--Qwen2.5-Omni-3B"].vision == omni.vision
+    assert rm.resolve_model(str(CONFIGS / "Qwen--Qwen2.5-0.5B-Instruct")).vision is None

@@ -383,10 +383,15 @@ def test_the_refusal_names_the_figures_and_the_options_that_fit_the_case(real_fa
     assert message.endswith("on the CPU in float32 (weights 17.52 GB) but there is 8.00 GB (available RAM); try a "
                             "smaller model such as Qwen/Qwen2.5-1.5B-Instruct, Qwen's own 4-bit checkpoint of it (AWQ or "
                             "GPTQ) on an NVIDIA GPU, a serving engine (vLLM, SGLang) on a machine with more GPU memory")
-    # the weights fit, a very long answer's KV cache does not: then shorter answers are the way
-    plan = rm.choose_plan(spec("cpu:8"), real_facts[Q15], rm.Options(sampling=rm.Sampling(200_000)))
-    assert not plan.fits and rm.does_not_fit_message(real_facts[Q15], plan, spec("cpu:8")).endswith(
-        "try a smaller model such as Qwen/Qwen2.5-1.5B-Instruct, fewer --max_new_tokens, --device to force it anyway")
+    # the weights fit, a long answer's KV cache does not: then shorter answers are the way (and the cache is
+    # counted up to the model's window, 32,768 tokens, not to the 200,000 asked for)
+    plan = rm.choose_plan(spec("cpu:4"), real_facts[Q15], rm.Options(sampling=rm.Sampling(200_000)))
+    assert not plan.fits and plan.estimate.context_tokens == 32_768
+    assert rm.does_not_fit_message(real_facts[Q15], plan, spec("cpu:4")).endswith(
+        "try a smaller model such as Qwen/Qwen2.5-1.5B-Instruct, fewer --max_new_tokens")
+    plan = rm.choose_plan(spec("cuda:4"), real_facts[Q15], rm.Options(sampling=rm.Sampling(200_000), device="cuda"))
+    assert not plan.fits and plan.proceeds and rm.does_not_fit_message(real_facts[Q15], plan, spec("cuda:4")).endswith(
+        "fewer --max_new_tokens, --device to force it anyway")
 
 
 @settings(max_examples=300, deadline=None)
@@ -589,3 +594,31 @@ def test_checkpoints_that_cannot_load_as_asked_are_refused_before_loading(tmp_pa
     folder = saved(tmp_path, name, {**json.loads((CONFIGS / Q7 / "config.json").read_text()), **config})
     result = run_tool("--model_id", folder, "--dry_run", "--hardware", "cuda:24", "--prompt", "Hi", *args)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
+def test_a_mac_before_macos_12_3_has_no_mps_to_plan_for(real_facts):
+    """PyTorch's MPS backend needs macOS 12.3: an older Mac is planned on its CPU, and says why."""
+    hw = rm.simulated_hardware("mps:32:macos12.1")
+    assert not hw.mps_available
+    plan = rm.choose_plan(hw, real_facts[Q15], rm.Options())
+    assert plan.device == "cpu" and plan.reasons[0] == "💻 MPS is not available - using CPU"
+    assert rm.simulated_hardware("mps:32:macos12.3").mps_available
+
+
+def test_a_forced_device_that_does_not_fit_goes_ahead_only_where_memory_can_run_out(real_facts):
+    """Forcing an accelerator goes ahead (running out of memory there falls back to the CPU, fit-checked);
+    forcing the CPU past its RAM does not: nothing catches the system's out-of-memory killer."""
+    gpu = rm.choose_plan(spec("cuda:8"), real_facts[VL], rm.Options(device="cuda"))
+    assert (gpu.fits, gpu.proceeds) == (False, True) and gpu.reasons[-1].startswith("⚠️ Going ahead on the GPU")
+    cpu = rm.choose_plan(spec("cpu:4"), real_facts[VL], rm.Options(device="cpu"))
+    assert (cpu.fits, cpu.proceeds) == (False, False) and not any("Going ahead" in line for line in cpu.reasons)
+
+
+def test_a_dry_run_says_what_a_forced_run_would_do():
+    forced = run_tool("--model_id", CONFIGS / VL, "--dry_run", "--hardware", "cuda:8", "--device", "cuda",
+                      "--prompt", "Hi")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.strip().endswith("✅ Dry run: no weights were loaded; a real run would go ahead on the GPU as "
+                                          "asked, and fall back to the CPU if memory runs out")
+    refused = run_tool("--model_id", CONFIGS / VL, "--dry_run", "--hardware", "cpu:4", "--device", "cpu", "--prompt", "Hi")
+    assert refused.returncode == 1 and "❌ A real run would stop here" in refused.stderr.strip().splitlines()[-1]

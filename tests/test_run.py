@@ -110,3 +110,25 @@ def test_a_closed_pipe_ends_quietly(tiny_models, tmp_path):
     assert child.returncode == 141, stderr
     assert "Traceback" not in stderr and "Error" not in stderr and "Exception ignored" not in stderr
     assert "📈" not in stderr   # it stopped instead of generating the rest into nowhere
+
+
+def test_a_closed_or_non_utf8_stdin_is_one_line(tiny_models):
+    """`--prompt -` with stdin closed (`<&-`) or holding bytes that are not UTF-8 text; and no --prompt with
+    stdin closed (no terminal to chat at)."""
+    from conftest import assert_one_line_error
+
+    def closed_stdin():
+        os.close(0)
+    args = [sys.executable, str(SCRIPT), "--model_id", str(tiny_models["qwen2"])]
+    closed = subprocess.run([*args, "--prompt", "-"], capture_output=True, text=True, env=offline_env(),
+                            preexec_fn=closed_stdin, timeout=120)
+    assert_one_line_error(closed, 2, "Error: --prompt -: stdin is closed; pipe the prompt in, or give it as --prompt "
+                                     "TEXT", alone=True)
+    binary = subprocess.run([*args, "--prompt", "-"], input=b"\xff\xfe\x00 hello", capture_output=True,
+                            env=offline_env(), timeout=120)
+    assert binary.returncode == 2 and binary.stdout == b""
+    assert binary.stderr.decode().strip() == "Error: --prompt -: stdin is not UTF-8 text (invalid start byte at byte " \
+                                             "0); convert it first (iconv)"
+    nothing = subprocess.run(args, capture_output=True, text=True, env=offline_env(), preexec_fn=closed_stdin,
+                             timeout=120)
+    assert_one_line_error(nothing, 2, "Error: --prompt is required", alone=True)

@@ -206,6 +206,15 @@ class Refusing(http.server.BaseHTTPRequestHandler):
     """Statuses transformers serve does not send: /auth/... 401, /down/... 503, anything else 404."""
 
     def do_POST(self):
+        if self.path.startswith(("/html", "/empty")):   # a web page, or a stream with nothing in it, with a 200
+            html = self.path.startswith("/html")
+            data = b"<!doctype html><html><body>Welcome to my router</body></html>" if html else b""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8" if html else "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         status, body = ((401, {"error": {"message": "Incorrect API key provided"}}) if self.path.startswith("/auth")
                         else (503, {"error": {"message": "The engine is overloaded"}}) if self.path.startswith("/down")
                         else (404, {"detail": "Not Found"}))
@@ -233,7 +242,11 @@ def refusing():
 @pytest.mark.parametrize("path, says", [
     ("/auth/v1", ["the engine refused the API key (401); put a key it accepts in OPENAI_API_KEY"]),
     ("/down/v1", ["the engine failed (503): The engine is overloaded"]),
-    ("/wrong", ["not found (404: Not Found); an OpenAI base URL usually ends in /v1"])], ids=["401", "503", "404"])
+    ("/wrong", ["not found (404: Not Found); an OpenAI base URL usually ends in /v1"]),
+    ("/html/v1", ["what came back is not an answer over the OpenAI protocol (an HTML page); give the engine's OpenAI "
+                  "base URL (it usually ends in /v1)"]),
+    ("/empty/v1", ["what came back is not an answer over the OpenAI protocol (an empty stream)"])],
+    ids=["401", "503", "404", "html", "empty"])
 def test_refusals_are_one_line(refusing, path, says):
     url = refusing + path
     result = ask(url, "--model_id", "any", "--prompt", "Hi")

@@ -243,3 +243,92 @@ def test_metal_quantization_is_refused_without_mps(tiny_models):
     assert_one_line_error(result, 1, "Error: 8bit metal quantization could not load: Metal quantization requires an "
                                      "Apple Silicon GPU (MPS). No MPS device found.")
     assert "🗜️ 8bit Metal quantization on MPS" in result.stderr
+
+
+# --- where a spoken reply is written ------------------------------------------------------
+
+SPEAK = ("--prompt", "Say something", "--max_speech_seconds", "0.4", "--temperature", "0", "--max_new_tokens", "4",
+         "--device", "cpu")
+
+
+def speak_into(tiny_models, target, *, umask: int = 0o022, stdout=None):
+    """The tiny Omni speaking into `target`, as a user's shell starts it (umask given)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SCRIPT
+
+    def start():
+        os.umask(umask)
+    return subprocess.run([sys.executable, str(SCRIPT), "--model_id", str(tiny_models["qwen2_5_omni"]), *SPEAK,
+                           "--output_audio", str(target)], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=offline_env(), timeout=600, preexec_fn=start)
+
+
+def is_wav(data: bytes) -> bool:
+    import io
+
+    import soundfile
+    samples, rate = soundfile.read(io.BytesIO(data))
+    return rate == 24000 and len(samples) > 0
+
+
+def test_a_new_wav_gets_the_umask_and_a_symlink_keeps_pointing_at_its_target(tiny_models, tmp_path):
+    import stat
+
+    new = speak_into(tiny_models, tmp_path / "new.wav", umask=0o027)
+    assert new.returncode == 0, new.stderr.decode()
+    assert stat.S_IMODE((tmp_path / "new.wav").stat().st_mode) == 0o640 and is_wav((tmp_path / "new.wav").read_bytes())
+    (tmp_path / "takes").mkdir()
+    (tmp_path / "takes" / "real.wav").write_bytes(b"an older take")
+    (tmp_path / "takes" / "real.wav").chmod(0o604)
+    (tmp_path / "link.wav").symlink_to(tmp_path / "takes" / "real.wav")
+    linked = speak_into(tiny_models, tmp_path / "link.wav")
+    assert linked.returncode == 0, linked.stderr.decode()
+    assert (tmp_path / "link.wav").is_symlink() and is_wav((tmp_path / "takes" / "real.wav").read_bytes())
+    assert stat.S_IMODE((tmp_path / "takes" / "real.wav").stat().st_mode) == 0o604   # as it was
+    assert sorted(path.name for path in (tmp_path / "takes").iterdir()) == ["real.wav"]   # no temporary left
+
+
+def test_a_fifo_and_stdout_are_written_in_place(tiny_models, tmp_path):
+    """`--output_audio /dev/stdout | aplay` and a named pipe: the WAV goes through them (the answer's text then
+    comes on stderr); the FIFO stays a FIFO."""
+    import os
+    import stat
+    import threading
+
+    fifo = tmp_path / "speech.fifo"
+    os.mkfifo(fifo)
+    heard = []
+    reader = threading.Thread(target=lambda: heard.append(fifo.read_bytes()))
+    reader.start()
+    result = speak_into(tiny_models, fifo)
+    reader.join(timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and is_wav(heard[0])
+    piped = speak_into(tiny_models, "/dev/stdout")
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert is_wav(piped.stdout)
+    assert "🔊 stdout carries the spoken reply (--output_audio /dev/stdout): the answer's text comes here" in \
+        piped.stderr.decode()
+
+
+def test_a_full_disk_or_a_reader_gone_is_one_line(tiny_models):
+    """/dev/full answers every write with 'no space left': one line naming it, and /dev/full is still the device
+    (as root too: nothing in /dev is replaced). A reader of stdout that went away: one line too."""
+    import os
+    import stat
+
+    result = speak_into(tiny_models, "/dev/full")
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
+    assert lines[-1] == "Error: --output_audio /dev/full: could not be written (No space left on device); free some " \
+                        "space or choose another file"
+    assert stat.S_ISCHR(Path("/dev/full").stat().st_mode)
+    reading, writing = os.pipe()
+    os.close(reading)   # the reader is gone before the WAV comes
+    with os.fdopen(writing, "wb") as closed:
+        gone = speak_into(tiny_models, "/dev/stdout", stdout=closed)
+    assert gone.returncode == 1 and gone.stderr.decode().strip().splitlines()[-1] == \
+        "Error: --output_audio /dev/stdout: its reader went away before all was written"
