@@ -143,7 +143,7 @@ DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 # Flags about this machine, which mean nothing to an engine, and their defaults
 LOCAL_ONLY_FLAGS = {"device": "auto", "dtype": "auto", "quantize": "none", "force_cpu": False, "compile": False,
                     "no_fast_decode": False, "dry_run": False, "hardware": None, "trust_remote_code": False,
-                    "self_test": False, "fps": DEFAULT_FPS}
+                    "self_test": False, "fps": DEFAULT_FPS, "no_kv_reuse": False}
 SELF_TEST_FLAGS = ("self_test", "device", "dtype", "force_cpu", "no_fast_decode", "compile", "debug")   # it honours
 ENGINE_GPU_GB = 80                 # the GPU an engine command is sized for, unless --hardware names one
 ENGINE_MEMORY_SHARE = 0.9          # vLLM's default gpu_memory_utilization
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no_stream", action="store_true", help="print the answer once at the end")
     add("--no_fast_decode", action="store_true",
         help="decode with transformers' generate() instead of the tool's static-cache decoder")
+    add("--no_kv_reuse", action="store_true", help="in a chat, compute the whole conversation again at every turn "
+                                                    "instead of only what is new (for troubleshooting)")
     add("--compile", action="store_true", help="NVIDIA GPUs: compile the decoder's layers with torch.compile first "
                                                "(seconds), then decode faster: for long answers and chats")
     add("--output_audio", metavar="PATH",
@@ -484,6 +486,7 @@ class Options:
     show: str = SHOW_STREAM              # SHOW_STREAM, SHOW_ONCE (--no_stream) or SHOW_NONE (--json)
     answer_to_stderr: bool = False       # stdout carries the spoken reply (--output_audio /dev/stdout)
     fast_decode: bool = True             # --no_fast_decode turns it off
+    kv_reuse: bool = True                # a chat keeps what the model computed (--no_kv_reuse: not)
     compile_layers: bool = False         # --compile
     output_audio: Path | None = None
     play: bool = False                   # --play: hear the reply as it is made
@@ -529,7 +532,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         system_prompt=args.system_prompt or (SPEECH_SYSTEM_PROMPT if speech else None),
         sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
         show=SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM,
-        fast_decode=not args.no_fast_decode, compile_layers=args.compile,
+        fast_decode=not args.no_fast_decode, compile_layers=args.compile, kv_reuse=not args.no_kv_reuse,
         output_audio=Path(args.output_audio).expanduser() if args.output_audio else None,
         answer_to_stderr=bool(args.output_audio) and is_stdout(Path(args.output_audio)),
         speech_codes=math.ceil(args.max_speech_seconds * TALKER_CODES_PER_SECOND) if args.max_speech_seconds
@@ -564,6 +567,10 @@ def check_flags(args: argparse.Namespace) -> None:
     stdin_paths = [path for path in (*args.image_path, *args.audio_path, *args.video_path) if is_stdin(Path(path))]
     if args.prompt == "-" and stdin_paths:
         raise UsageError(f"--prompt - and {stdin_paths[0]} both read stdin; give the prompt as --prompt TEXT")
+    if args.interactive and args.output_audio and Path(args.output_audio).exists() and \
+            not Path(args.output_audio).is_file():
+        raise UsageError(f"--output_audio {args.output_audio} with --interactive: a chat writes a WAV a turn "
+                         "(reply-1.wav, reply-2.wav ...); give a file name")
     if args.interactive and args.prompt == "-":
         raise UsageError("--prompt - with --interactive: the chat reads its messages from stdin; give the first "
                          "message as --prompt TEXT")
@@ -576,7 +583,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.hardware and not args.dry_run:
         raise UsageError("--hardware describes another machine, so it works only with --dry_run")
     if args.interactive:
-        for flag in ("json", "output_audio", "play", "dry_run"):
+        for flag in ("json", "dry_run"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag} works with one --prompt, not with --interactive")
     if args.json and args.output_audio and is_stdout(Path(args.output_audio)):
@@ -966,8 +973,12 @@ def media_of(messages: list[dict], use_audio_in_video: bool) -> Media:
     return media
 
 
-def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None):
-    """Chat template and media through the processor; tensors on the model's device."""
+def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None, pictures: dict | None = None):
+    """Chat template and media through the processor; tensors on the model's device. With `pictures` (a chat's),
+    each picture is resized and normalised once, however many turns it stays in the conversation."""
+    if pictures is not None and media is not None and media.images:
+        with _remembering(processor, pictures):
+            return prepare_inputs(processor, messages, device, media)
     if media is None or not (media.audios or media.videos):
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, return_tensors="pt")
@@ -993,6 +1004,36 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
     if audio:
         kwargs["audio"] = audio
     return processor(**kwargs).to(device)
+
+
+@contextlib.contextmanager
+def _remembering(processor, pictures: dict):
+    """The processor's image processor, for the while, taking what it made of a picture before from `pictures`
+    (by the picture object, which stays in the conversation): its outputs for several pictures are the ones it
+    makes for each alone, in order."""
+    import torch
+    from transformers import BatchFeature
+    own = processor.image_processor
+
+    class Remembering:
+        def __getattr__(self, name):
+            return getattr(own, name)
+
+        def __call__(self, images=None, *args, **kwargs):
+            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+            while any(isinstance(item, (list, tuple)) for item in flat):
+                flat = [inner for item in flat for inner in (item if isinstance(item, (list, tuple)) else [item])]
+            made = []
+            for picture in flat:
+                if pictures.get(id(picture), (None,))[0] is not picture:
+                    pictures[id(picture)] = picture, own(images=[picture], *args, **kwargs)
+                made.append(pictures[id(picture)][1])
+            return BatchFeature({key: torch.cat([one[key] for one in made]) for key in made[0]})
+    processor.image_processor = Remembering()
+    try:
+        yield
+    finally:
+        processor.image_processor = own
 
 
 # · the spoken reply out (--output_audio, --play): all that can be checked before loading
@@ -1842,6 +1883,8 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
         encoded_patches = max([t - 2 for t in images + videos], default=0) * facts.vision.merge_size ** 2
     prompt = workload.text_tokens + media
     context = min(prompt + options.sampling.max_new_tokens, facts.context_window or math.inf)   # never past it
+    if options.interactive and facts.context_window:   # a chat keeps its cache, which grows to the whole window
+        context = facts.context_window
     kv = context * facts.kv_elements_per_token * width
     if "talker" in components:
         kv += (context + options.speech_codes) * facts.talker_kv_elements_per_token * width
@@ -2505,6 +2548,15 @@ class Runtime:
         """The next token's chooser, drawing where this runtime draws (settings: _decoding_settings())."""
         return Sampler(settings, self.draw_on_cpu)
 
+    def steps(self, model, prompt_cache, prompt_length: int, budget: int, **step_args) -> FastDecoder:
+        """The FastDecoder for a sequence here: over all slots and recorded as a CUDA graph where graphs run, its
+        layers compiled with --compile."""
+        steps = FastDecoder(model, prompt_cache, prompt_length, budget, self.graphs, self.decoder == "compiled",
+                            **step_args)
+        if self.graphs:
+            steps.capture()
+        return steps
+
     def queue(self, side_stream: bool = False) -> HostQueue:
         """Values on their way to the host: behind events on CUDA (their work on a stream of its own with
         `side_stream`), at once elsewhere."""
@@ -2625,10 +2677,12 @@ class FastDecoder:
     with compile_layers torch.compile fuses each layer (one compilation serves every layer)."""
 
     def __init__(self, model, prompt_cache, prompt_length: int, max_new_tokens: int, masked: bool,
-                 compile_layers: bool = False, decoder=None, head=None, embed=None, states=None):
+                 compile_layers: bool = False, decoder=None, head=None, embed=None, states=None,
+                 rope_delta: int | None = None):
         """`decoder`, `head` and `embed(token) -> [1, hidden]` default to the model's own (the talker brings
         its own); `states` [max_new_tokens, hidden], if given, receives each processed token's final
-        hidden state plus its embedding (what Qwen2.5-Omni's talker reads of the thinker)."""
+        hidden state plus its embedding (what Qwen2.5-Omni's talker reads of the thinker); `rope_delta` is how
+        far past the slots the positions run (by default, what the model's forward kept)."""
         import torch
         decoder = decoder if decoder is not None else model.get_decoder()
         config = decoder.config
@@ -2647,7 +2701,8 @@ class FastDecoder:
         for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers))):
             self.keys[i, :, :, :prompt_length] = keys
             self.values[i, :, :, :prompt_length] = values
-        self.cos, self.sin = _rotary_tables(model, decoder, self.slots, device, dtype)
+        delta = _rope_delta(model) if rope_delta is None else rope_delta
+        self.cos, self.sin = _rotary_tables(decoder, self.slots, device, dtype, delta)
         self.slot_numbers = torch.arange(self.slots, device=device)
         self.weights = [_fused_weights(layer) for layer in self.layers]
         self.layer_in, self.layer_out = _layer_in, _layer_out
@@ -2713,13 +2768,13 @@ class FastDecoder:
         self.logits_at = self._replayed
 
 
-def _rotary_tables(model, decoder, slots: int, device, dtype):
+def _rotary_tables(decoder, slots: int, device, dtype, delta: int):
     """cos and sin for every slot, as the model's rotary embedding computes them (float32, then the
     model's dtype), the sin's first half negated: x * cos + roll(x) * sin is then rotate_half's rotary.
     Multimodal Qwens shift text positions after pictures by `rope_deltas`; past the prompt all three of
     their position streams are equal, which is plain 1-D rotary."""
     import torch
-    positions = torch.arange(slots, device=device, dtype=torch.float32) + _rope_delta(model)
+    positions = torch.arange(slots, device=device, dtype=torch.float32) + delta
     angles = positions[:, None] * decoder.rotary_emb.inv_freq.float().to(device)[None, :]
     scaling = getattr(decoder.rotary_emb, "attention_scaling", 1.0)
     cos, sin = angles.cos() * scaling, angles.sin() * scaling
@@ -3006,12 +3061,9 @@ class Decoding:
     def advance(self) -> None:
         """One more token, chosen on the device; the first call sets up the steps."""
         if self.steps is None:
-            runtime = self.runtime
-            self.steps = FastDecoder(self.model, cache_of(self.prefill), self.length, self.budget, runtime.graphs,
-                                     runtime.decoder == "compiled", **self.step_args)
+            self.steps = self.runtime.steps(self.model, cache_of(self.prefill), self.length, self.budget,
+                                            **self.step_args)
             self.prefill = None   # its cache now lives in the steps' own
-            if runtime.graphs:
-                self.steps.capture()
         slot = self.length + self.made
         self._choose(self.steps.logits_at(self.ids[0, slot - 1:slot], slot - 1))
 
@@ -3024,6 +3076,20 @@ class Decoding:
             tokens.append(token)
         return tokens
 
+    def keep_in(self, chat: ChatCache | None, tokens: list[int]) -> None:
+        """The chat's cache and ids grow by the answer's `tokens` (those read back), as far as the steps computed
+        their keys and values: all but the last."""
+        fed = len(tokens) - 1 if self.steps is not None else 0
+        if chat is None or chat.cache is None or fed <= 0:
+            return
+        start, end = self.length, self.length + fed
+        for layer, (keys, values) in enumerate(zip(self.steps.keys, self.steps.values)):
+            chat.cache.update(keys[:, :, start:end], values[:, :, start:end], layer)
+        chat.ids = chat.ids + tokens[:fed]
+        if chat.rows is not None and self.steps.states is not None:
+            import torch
+            chat.rows = torch.cat((chat.rows, self.steps.states[None, :fed]), dim=1)
+
     def __iter__(self):
         yield from self.take()
         while self.made < self.budget:
@@ -3032,22 +3098,158 @@ class Decoding:
         yield from self.take()
 
 
-def fast_generate(runtime: Runtime, model, inputs, sampling: Sampling, streamer, extra: dict) -> None:
-    """Decode like generate(): the prompt through the model's forward, then one token at a time through a
-    Decoding, each token handed to `streamer` as generate() would. The first token is shown before the steps
-    are set up (a CUDA graph captured, the layers compiled), so it never waits on them."""
+def fast_generate(runtime: Runtime, model, inputs, sampling: Sampling, streamer, extra: dict,
+                  chat: ChatCache | None = None) -> None:
+    """Decode like generate(): the prompt through the model's forward (in a chat, only what its cache lacks),
+    then one token at a time through a Decoding, each token handed to `streamer` as generate() would, and to
+    the chat's cache after (an interrupted answer's too). The first token is shown before the steps are set up
+    (a CUDA graph captured, the layers compiled), so it never waits on them."""
     import torch
     prompt = inputs["input_ids"]
     streamer.put(prompt.cpu())
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(**inputs, **extra, **keep, use_cache=True)
-    text = Decoding(runtime, model, sampling.generate_kwargs(), prompt, out)
+    out, delta = prefill(model, inputs, extra, chat, **keep)
+    text = Decoding(runtime, model, sampling.generate_kwargs(), prompt, out, rope_delta=delta)
     del out
-    for token in text:
-        streamer.put(torch.tensor([token]))
-        if token in text.end:
-            break
+    tokens: list[int] = []
+    try:
+        for token in text:
+            tokens.append(token)
+            streamer.put(torch.tensor([token]))
+            if token in text.end:
+                break
+    finally:   # an answer stopped by Ctrl-C stays in the cache as in the conversation
+        text.keep_in(chat, tokens)
     streamer.end()
+
+
+@dataclasses.dataclass
+class ChatCache:
+    """What the model has computed of a conversation, kept from one turn to the next: the keys and values of the
+    tokens `ids` (a transformers cache, on the model's device), the offset of their rotary positions (`delta`:
+    Qwen's 3-D positions run ahead of the token count after pictures, video and sound), and for a spoken reply
+    the thinker's states the talker reads (`rows`). A turn computes only what follows the longest prefix its
+    prompt shares with `ids` (prefill); `reused` is how many tokens the last turn took from here."""
+    cache: object = None
+    ids: list = dataclasses.field(default_factory=list)
+    delta: int = 0
+    rows: object = None
+    reused: int = 0
+    pictures: dict = dataclasses.field(default_factory=dict)   # what the processor made of each, by the object
+
+    def clear(self) -> None:
+        """A new conversation (/clear)."""
+        self.forget()
+        self.pictures.clear()
+
+    def forget(self) -> None:
+        """No keys and values kept (a prompt computed whole, or a turn stopped while they grew)."""
+        self.cache, self.ids, self.delta, self.rows, self.reused = None, [], 0, None, 0
+
+    def shared(self, ids: list) -> int:
+        """How many tokens of the prompt `ids` the cache holds (all but its last one at most: a turn computes at
+        least one token, whose logits it needs); none if its layers do not all hold its ids (a turn stopped
+        while they grew)."""
+        held = {getattr(keys, "shape", (0,))[-2:][0] for keys, _ in _cache_layers(self.cache, len(self.cache))} \
+            if self.cache is not None else set()
+        if held != {len(self.ids)}:
+            return 0
+        count = 0
+        for held, wanted in zip(self.ids, ids[:-1]):
+            if held != wanted:
+                break
+            count += 1
+        return count
+
+    def cut(self, length: int) -> None:
+        """Keep the first `length` tokens (a turn that failed, or a prompt that parts from the cache there)."""
+        if self.cache is not None and length < len(self.ids):
+            self.cache.crop(length - len(self.ids))   # how many to drop: transformers' crop across its 5.x versions
+        self.ids = self.ids[:length]
+        self.rows = None if self.rows is None else self.rows[:, :length]
+
+
+def rope_positions(model, inputs, extra: dict):
+    """(positions, delta) of a prompt's tokens: Qwen's 3-D rotary positions for pictures, video and sound, from the
+    model's own get_rope_index, and how far past the token count the next one sits; (None, 0) for a text model
+    (and a multimodal one given only text), whose positions are the slots."""
+    import torch
+    core = next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
+    if core is None or not any(key in inputs for key in ("image_grid_thw", "video_grid_thw", "input_features")):
+        return None, 0
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    if "mm_token_type_ids" in inspect.signature(core.get_rope_index).parameters:   # Qwen2.5-VL
+        positions, deltas = core.get_rope_index(
+            ids, inputs.get("mm_token_type_ids"), image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            attention_mask=mask)
+    else:   # Qwen2.5-Omni's thinker
+        lengths = inputs["feature_attention_mask"].sum(-1) if "feature_attention_mask" in inputs else None
+        positions, deltas = core.get_rope_index(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask,
+                                                extra.get("use_audio_in_video", False), lengths,
+                                                inputs.get("video_second_per_grid"))
+    return positions, int(deltas.reshape(-1)[0])
+
+
+def prefill(model, inputs, extra: dict, chat: ChatCache | None = None, **kwargs):
+    """The prompt through the model's forward (`kwargs` beside it: logits_to_keep, hidden states): (output, rope
+    delta). In a chat (`chat`), only what follows the longest prefix the cache already holds: those tokens, the
+    pictures, videos and recordings among them alone encoded, at the positions a prefill of the whole prompt
+    gives them; the cache grows by them."""
+    positions, delta = rope_positions(model, inputs, extra)
+    ids = inputs["input_ids"][0].tolist()
+    start = chat.shared(ids) if chat is not None and chat.cache is not None else 0
+    suffix = _suffix(model, inputs, start, extra) if start else None
+    if suffix is None:   # the whole prompt, as the model's own forward takes it
+        if chat is not None:
+            chat.forget()
+        out = model(**inputs, **extra, **kwargs, use_cache=True)
+        start, cache = 0, cache_of(out)
+    else:
+        start, suffix_inputs = suffix
+        chat.cut(start)
+        where = {} if positions is None else {"position_ids": positions[..., start:]}
+        out = model(**suffix_inputs, **where, **extra, **kwargs, past_key_values=chat.cache, use_cache=True)
+        cache = chat.cache
+    if chat is not None:
+        chat.cache, chat.ids, chat.delta, chat.reused = cache, ids, delta, start
+    return out, delta
+
+
+def _suffix(model, inputs, start: int, extra: dict):
+    """(start, inputs) for the prompt's tokens from `start` on: moved back to the start of a picture, video or
+    recording it would cut, with those media only (the earlier ones are in the cache). None where the suffix
+    cannot be told apart (a video's sound interleaved with its pictures): then the whole prompt is computed."""
+    import torch
+    config = getattr(model, "config", None)
+    ids = inputs["input_ids"][0]
+    spans = {}   # modality -> [(first, end)] of its placeholder runs
+    for modality, names in (("image", ("image_token_id", "image_token_index")),
+                            ("video", ("video_token_id", "video_token_index")),
+                            ("audio", ("audio_token_id", "audio_token_index"))):
+        token = next((getattr(config, name) for name in names if getattr(config, name, None) is not None), None)
+        marks = (ids == token).int() if token is not None else torch.zeros_like(ids)
+        edges = torch.diff(torch.cat((marks.new_zeros(1), marks, marks.new_zeros(1)))).nonzero().view(-1).tolist()
+        spans[modality] = list(zip(edges[::2], edges[1::2]))
+        start = min([start] + [first for first, end in spans[modality] if first < start < end])
+    new = {modality: sum(first < start for first, _ in runs) for modality, runs in spans.items()}   # media before
+    if start == 0 or (extra.get("use_audio_in_video") and any(first >= start for runs in spans.values()
+                                                              for first, _ in runs)):
+        return None
+    out = {"input_ids": inputs["input_ids"][:, start:]}
+    for grid, pixels, modality, per_item in (("image_grid_thw", "pixel_values", "image", ()),
+                                             ("video_grid_thw", "pixel_values_videos", "video",
+                                              ("second_per_grid_ts", "video_second_per_grid"))):
+        if grid in inputs and len(inputs[grid]) > new[modality]:
+            rows = int(inputs[grid][:new[modality]].prod(-1).sum())
+            out.update({grid: inputs[grid][new[modality]:], pixels: inputs[pixels][rows:]})
+            out.update({key: inputs[key][new[modality]:] for key in per_item if key in inputs})
+    if "input_features" in inputs and len(inputs["input_features"]) > new["audio"]:
+        out.update({key: inputs[key][new["audio"]:] for key in ("input_features", "feature_attention_mask")})
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, start:]
+    return start, out
 
 
 # --- 10. a spoken reply: the talker on the decoding engine, token2wav in chunks, heard as made -----
@@ -3406,31 +3608,40 @@ class SpokenReply:
         self.wav_s += time.perf_counter() - start
 
 
-def fast_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dict, audio: AudioOut) -> dict:
-    """The thinker through a Decoding, keeping each token's state for the talker; the talker fed once per text
-    token as the text streams, then alone; speech in chunks to `audio`. Returns its figures."""
+def fast_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dict, audio: AudioOut,
+                chat: ChatCache | None = None) -> dict:
+    """The thinker through a Decoding (in a chat, the prompt's tokens its cache lacks), keeping each token's
+    state for the talker; the talker fed once per text token as the text streams, then alone; speech in chunks
+    to `audio`. Returns its figures."""
     import torch
     thinker, prompt = loaded.model.thinker, inputs["input_ids"]
     streamer.put(prompt.cpu())
-    out = thinker(**inputs, **extra, use_cache=True, output_hidden_states=True)
-    media = torch.isin(prompt, torch.tensor([getattr(thinker.config, name, -1) for name in (
+    out, delta = prefill(thinker, inputs, extra, chat, output_hidden_states=True)
+    start = chat.reused if chat is not None else 0
+    media = torch.isin(prompt[:, start:], torch.tensor([getattr(thinker.config, name, -1) for name in (
         "audio_token_index", "image_token_index", "video_token_index")], device=prompt.device))
     rows = out.hidden_states[-1] + out.hidden_states[0].masked_fill(media[..., None], 0)   # as transformers' talker
+    if chat is not None:   # the talker reads the whole prompt's: the cache's, then these
+        chat.rows = rows = rows if not start else torch.cat((chat.rows, rows), dim=1)
     states = torch.zeros((sampling.max_new_tokens, rows.shape[-1]), dtype=rows.dtype, device=prompt.device)
-    text = Decoding(loaded.runtime, thinker, sampling.generate_kwargs(), prompt, out, states=states)
+    text = Decoding(loaded.runtime, thinker, sampling.generate_kwargs(), prompt, out, states=states, rope_delta=delta)
     del out
-    reply = None
-    for index, token in enumerate(text):
-        streamer.put(torch.tensor([token]))
-        if reply is not None:
-            reply.feed(states[index - 1])   # the state of the token before: the step that read it made it
-        elif token in text.end or text.budget == 1:
-            raise RunError("the model's answer has no text to speak (it ended at once, or --max_new_tokens is 1); "
-                           "ask again, or raise --max_new_tokens")
-        else:
-            reply = SpokenReply(loaded, inputs, rows, token, audio, extra)
-        if token in text.end:
-            break
+    reply, tokens = None, []
+    try:
+        for token in text:
+            tokens.append(token)
+            streamer.put(torch.tensor([token]))
+            if reply is not None:
+                reply.feed(states[len(tokens) - 2])   # the token before's state: the step that read it made it
+            elif token in text.end or text.budget == 1:
+                raise RunError("the model's answer has no text to speak (it ended at once, or --max_new_tokens is "
+                               "1); ask again, or raise --max_new_tokens")
+            else:
+                reply = SpokenReply(loaded, inputs, rows, token, audio, extra)
+            if token in text.end:
+                break
+    finally:
+        text.keep_in(chat, tokens)
     streamer.end()
     return reply.finish()
 
@@ -3511,6 +3722,40 @@ def speech_kwargs(inputs, sampling: Sampling, speech: Speech) -> dict:
             "talker_logits_processor": finite_guard()}
 
 
+def generate_text(model, inputs, sampling: Sampling, streamer, extra: dict, chat: ChatCache | None = None) -> None:
+    """transformers' generate(); in a chat, continuing from the cache where the prompt's new tokens are text alone
+    (generate() places them after the cached ones, at the positions it kept), else from the whole prompt."""
+    from transformers import DynamicCache
+    kwargs = dict(inputs)
+    if chat is not None:
+        ids = inputs["input_ids"]
+        start = chat.shared(ids[0].tolist())
+        if start and not _has_media(model, ids[0, start:]):
+            chat.cut(start)
+            kwargs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
+        else:
+            chat.forget()
+            start, chat.cache = 0, DynamicCache()
+        kwargs["past_key_values"], chat.reused = chat.cache, start
+    try:
+        out = model.generate(**kwargs, **sampling.generate_kwargs(), **extra, streamer=streamer,
+                             logits_processor=finite_guard(), return_dict_in_generate=True)
+    except BaseException:
+        if chat is not None:   # stopped part-way, its layers may hold more than others
+            chat.forget()
+        raise
+    if chat is not None:
+        chat.ids = out.sequences[0, :chat.cache.get_seq_length()].tolist()
+
+
+def _has_media(model, ids) -> bool:
+    """Whether the token ids hold a picture's, video's or recording's placeholders."""
+    config = model.config
+    return any(token is not None and bool((ids == token).any()) for token in (
+        getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id",
+                                                 "video_token_index", "audio_token_id", "audio_token_index")))
+
+
 @dataclasses.dataclass(frozen=True)
 class Answer:
     """One generation: the text, the spoken reply if any, and when each token came."""
@@ -3524,10 +3769,11 @@ class Answer:
     speech_figures: dict = dataclasses.field(default_factory=dict)   # the talker's and token2wav's
 
 
-def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_audio_in_video: bool = False) -> Answer:
+def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_audio_in_video: bool = False,
+                    chat: ChatCache | None = None) -> Answer:
     """Generate as the runtime decided at load time, printing the answer to stdout as it comes, once at the
-    end, or not at all (--json); when it speaks, the spoken reply too. Ctrl-C raises Interrupted with the
-    text so far."""
+    end, or not at all (--json); when it speaks, the spoken reply too; in a chat, from what its cache holds.
+    Ctrl-C raises Interrupted with the text so far."""
     runtime, model, speech = loaded.runtime, loaded.model, loaded.speech
     streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM)
     extra = {"use_audio_in_video": True} if use_audio_in_video else {}   # Omni interleaves a video's sound
@@ -3535,15 +3781,14 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_a
     audio, figures = AudioOut(speech.play, start) if runtime.speaks else None, {}
     try:
         if runtime.fast and runtime.speaks:
-            figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio)
+            figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio, chat)
         elif runtime.fast:
-            fast_generate(runtime, model, inputs, sampling, streamer, extra)
+            fast_generate(runtime, model, inputs, sampling, streamer, extra, chat)
         elif runtime.speaks:   # the whole reply at once, at the end
             _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
             audio.add(wav.reshape(-1).float().cpu().numpy())
         else:
-            model.generate(**inputs, **sampling.generate_kwargs(), **extra, streamer=streamer,
-                           logits_processor=finite_guard())
+            generate_text(model, inputs, sampling, streamer, extra, chat)
     except BaseException as exc:   # out of memory, Ctrl-C: the answer so far keeps its line, then it rises
         if audio:
             audio.close(drain=False)
@@ -3606,6 +3851,7 @@ class Stats:
     speech_codes: int | None = None      # the talker's codes, 50 a second
     talker_ms_per_code: float | None = None
     token2wav_s: float | None = None
+    reused_tokens: int | None = None     # a chat's: the prompt's tokens taken from what earlier turns computed
 
     def record(self) -> dict:
         """The figures for --json (where the weights went and their dtype are in its reproducibility record)."""
@@ -3618,7 +3864,7 @@ class Stats:
         return self.speech_s / self.audio_seconds if self.speech_s is not None and self.audio_seconds else None
 
 
-def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float) -> Stats:
+def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float, reused: int | None = None) -> Stats:
     times, figures = answer.token_times, {}
     if times:
         figures.update(ttft_s=times[0] - answer.start, decode_s=times[-1] - times[0])
@@ -3632,11 +3878,14 @@ def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float) -> Stats:
     peak, kind = peak_memory(loaded.plan.device)
     return Stats(device=loaded.plan.device, load_s=loaded.load_s, prompt_tokens=answer.prompt_tokens,
                  new_tokens=len(times), peak_memory_bytes=peak, peak_memory_kind=kind, media_decode_s=media_decode_s,
-                 device_map=loaded.device_map, dtype=loaded.plan.dtype, **figures)
+                 device_map=loaded.device_map, dtype=loaded.plan.dtype, reused_tokens=reused, **figures)
 
 
 def describe_stats(stats: Stats) -> str:
-    parts = ([] if stats.load_s is None else [f"load {stats.load_s:.1f} s"]) + [f"prompt {stats.prompt_tokens} tokens"]
+    reused = f" ({stats.reused_tokens} reused, {stats.prompt_tokens - stats.reused_tokens} computed)" \
+        if stats.reused_tokens is not None else ""
+    parts = ([] if stats.load_s is None else [f"load {stats.load_s:.1f} s"]) + \
+        [f"prompt {stats.prompt_tokens} tokens{reused}"]
     if stats.ttft_s is not None:
         parts.append(f"first token {stats.ttft_s:.2f} s")
     speed = f" at {stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_tokens_per_s else ""
@@ -3656,7 +3905,9 @@ def describe_stages(stats: Stats) -> str:
     parts = ([] if stats.load_s is None else [f"load {stats.load_s:.2f} s"]) + \
         [f"media decode {stats.media_decode_s:.2f} s"]
     if stats.ttft_s is not None:
-        parts.append(f"encoding and prefill {stats.ttft_s:.2f} s")
+        reused = "" if stats.reused_tokens is None else \
+            f" ({stats.prompt_tokens - stats.reused_tokens} tokens computed, {stats.reused_tokens} reused)"
+        parts.append(f"encoding and prefill {stats.ttft_s:.2f} s{reused}")
     if stats.decode_s is not None:
         parts.append(f"decode {stats.decode_s:.2f} s ({max(stats.new_tokens - 1, 0)} tokens, the first of them "
                      f"after {stats.second_token_s or 0:.2f} s)")
@@ -3680,7 +3931,7 @@ class Outcome:
 
 
 def fit_context(sampling: Sampling, window: int | None, prompt_tokens: int, model_id: str,
-                about: str = "") -> Sampling:
+                about: str = "", hint: str = "") -> Sampling:
     """The sampling settings for a prompt of this many tokens (`about` them, where they were estimated): a prompt
     the model cannot read is refused before generating; an answer that would run past the window is cut to fit."""
     if not window:
@@ -3688,7 +3939,7 @@ def fit_context(sampling: Sampling, window: int | None, prompt_tokens: int, mode
     if prompt_tokens >= window:
         raise UsageError(f"--prompt: the prompt is {about}{prompt_tokens:,} tokens (with the chat template and any "
                          f"attached files), and {model_id} reads at most {window:,}; shorten it, or attach "
-                         "fewer or smaller files (--max_pixels)")
+                         f"fewer or smaller files (--max_pixels){hint}")
     room = window - prompt_tokens
     if sampling.max_new_tokens <= room:
         return sampling
@@ -3705,16 +3956,19 @@ def write_wav(path: Path, samples, rate: int) -> None:
     write_output(path, buffer.getvalue(), f"--output_audio {path}")
 
 
-def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media) -> Outcome:
-    """One turn: inputs through the processor, generation, the spoken reply when the runtime speaks."""
+def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media,
+           chat: ChatCache | None = None) -> Outcome:
+    """One turn: inputs through the processor, generation (in a chat, from what its cache holds), the spoken
+    reply when the runtime speaks."""
     import torch
     sampling = effective_sampling(loaded.model.generation_config, options.sampling)
-    inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media)
-    wanted = fit_context(options.sampling, facts.context_window, int(inputs["input_ids"].shape[-1]), facts.model_id)
+    inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, media, chat and chat.pictures)
+    wanted = fit_context(options.sampling, facts.context_window, int(inputs["input_ids"].shape[-1]), facts.model_id,
+                         hint="; /clear starts a new conversation" if options.interactive else "")
     use_audio_in_video = bool(media.use_audio_in_video and media.videos)
     with torch.inference_mode():
-        result = generate_answer(loaded, inputs, wanted, options.show, use_audio_in_video)
-    stats = stats_of(result, loaded, media.decode_s)
+        result = generate_answer(loaded, inputs, wanted, options.show, use_audio_in_video, chat)
+    stats = stats_of(result, loaded, media.decode_s, chat.reused if chat is not None else None)
     if not loaded.runtime.speaks:
         return Outcome(result.text, stats, sampling)
     if result.wav is None or not len(result.wav):
@@ -3991,6 +4245,7 @@ class Conversation:
     pending_paths: list = dataclasses.field(default_factory=list)
     turn_decode_s: float = 0.0                                  # the last message's media decode time
     last: Outcome | None = None                                 # the last answer, for /stats
+    cache: ChatCache | None = None                              # what the model computed of it (not --no_kv_reuse)
 
     def __post_init__(self):
         self.clear()
@@ -3998,6 +4253,8 @@ class Conversation:
     def clear(self) -> None:
         self.messages = build_messages("", self.options.system_prompt, Media(), self.info.kind)[:-1]   # system only
         self.record, self.pending_paths = [], []
+        if self.cache is not None:
+            self.cache.clear()
         self.pending = Media(use_audio_in_video=self.options.use_audio_in_video)
 
     def attach(self, modality: str, path: str) -> None:
@@ -4021,6 +4278,8 @@ class Conversation:
         self.record.append({"role": "user", "text": text, "attachments": self.pending_paths})
         self.turn_decode_s = self.pending.decode_s
         self.pending, self.pending_paths = Media(use_audio_in_video=self.options.use_audio_in_video), []
+        if self.cache is not None:
+            self.cache.reused = len(self.cache.ids)   # what a failed turn goes back to
 
     def media(self) -> Media:
         media = media_of(self.messages, self.options.use_audio_in_video)
@@ -4028,14 +4287,17 @@ class Conversation:
         return media
 
     def take_back(self) -> None:
-        """The last question failed: forget it (its media go with it)."""
+        """The last question failed: forget it (its media go with it), and what the cache took of it."""
         self.messages.pop()
         self.record.pop()
+        if self.cache is not None:
+            self.cache.cut(self.cache.reused)
 
-    def reply(self, text: str) -> None:
+    def reply(self, text: str, stats: Stats | None = None) -> None:
         content = text if self.info.kind == "text" else [{"type": "text", "text": text}]
         self.messages.append({"role": "assistant", "content": content})
-        self.record.append({"role": "assistant", "text": text, "attachments": []})
+        figures = {} if stats is None else {"prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_tokens}
+        self.record.append({"role": "assistant", "text": text, "attachments": [], **figures})
 
 
 def _attach(chat: Conversation, command: str, rest: str) -> None:
@@ -4102,22 +4364,30 @@ def _chat_turn(conversation: Conversation, run_turn) -> None:
         what = one_line(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {one_line(exc, 300)}"
         say(f"Error: {'out of memory; /clear starts a shorter conversation' if is_out_of_memory(exc) else what}")
         return
-    conversation.reply(conversation.last.text)
+    conversation.reply(conversation.last.text, conversation.last.stats)
     if conversation.options.verbose:
         say(describe_stages(conversation.last.stats))
 
 
-def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media) -> int:
-    """--interactive: load once, then answer message after message, keeping the history."""
+def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media,
+         speech: Speech | None = None) -> int:
+    """--interactive: load once, then answer message after message, keeping the history (and what the model
+    computed of it, unless --no_kv_reuse)."""
     workload = workload_of(options, media)
-    current = [with_fallbacks(lambda p: load(info, p, hw, options), plan, hw, facts, options, workload)]
-    conversation = Conversation(info, options)
+    current = [with_fallbacks(lambda p: load(info, p, hw, options, speech), plan, hw, facts, options, workload)]
+    conversation = Conversation(info, options, cache=ChatCache() if options.kv_reuse else None)
 
     def attempt(turn_plan: Plan) -> Outcome:   # a retry's plan loads the model anew, for the rest of the chat
         if current[0] is None or current[0].plan is not turn_plan:
             current[0] = None
-            current[0] = load(info, turn_plan, hw, options)
-        return answer(current[0], options, facts, conversation.messages, conversation.media())
+            if conversation.cache is not None:   # computed on the other device: started again from the history
+                conversation.cache.clear()
+            current[0] = load(info, turn_plan, hw, options, speech)
+        wav = options.output_audio and options.output_audio.with_name(
+            f"{options.output_audio.stem}-{sum(m['role'] == 'user' for m in conversation.record)}"
+            f"{options.output_audio.suffix}")
+        return answer(current[0], dataclasses.replace(options, output_audio=wav or None), facts,
+                      conversation.messages, conversation.media(), conversation.cache)
 
     return chat_loop(conversation, media, lambda: with_fallbacks(
         attempt, current[0].plan if current[0] else plan, hw, facts, options, workload))
@@ -4276,7 +4546,7 @@ def run(args: argparse.Namespace) -> int:
         from transformers import set_seed
         set_seed(options.seed)
     if options.interactive:
-        return chat(info, facts, plan, hw, options, media)
+        return chat(info, facts, plan, hw, options, media, speech)
     if options.answer_to_stderr:
         say(f"🔊 stdout carries the spoken reply (--output_audio {options.output_audio}): the answer's text comes here")
     with contextlib.redirect_stdout(sys.stderr) if options.answer_to_stderr else contextlib.nullcontext():

@@ -27,7 +27,10 @@ def test_two_turn_chat_with_an_image_in_the_second_turn(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected[0] + "\n" + expected[1] + "\n"
     assert f"📎 {SECOND_IMAGE} will go with your next message" in result.stderr
-    assert json.loads(saved.read_text()) == {"model_id": str(model), "messages": [
+    record = json.loads(saved.read_text())
+    for message in record["messages"]:   # each answer's figures: checked in test_a_chat_says_what_it_reused...
+        assert message.pop("prompt_tokens", 0) >= 0 and message.pop("reused_tokens", 0) >= 0
+    assert record == {"model_id": str(model), "messages": [
         {"role": "user", "text": "Hello cat", "attachments": []},
         {"role": "assistant", "text": expected[0], "attachments": []},
         {"role": "user", "text": "What is in this picture?", "attachments": [str(SECOND_IMAGE)]},
@@ -140,3 +143,145 @@ def test_bytes_that_are_not_text_are_an_error_line_and_the_chat_goes_on(tiny_mod
     errors = [line for line in result.stderr.decode().splitlines() if line.startswith("Error: ")]
     assert errors == ["Error: that line is not UTF-8 text (invalid start byte at byte 0); convert it first (iconv)"]
 
+
+
+# --- what a chat keeps between its turns ---------------------------------------------------
+
+import run_multimodal as rm  # noqa: E402
+
+TURNS = {   # four turns each; a picture or a recording in the first, another in the third
+    "qwen2": [("Hello cat", []), ("Tell me more", []), ("Why?", []), ("And then?", [])],
+    "qwen2_5_vl": [("What is in this picture?", ["image"]), ("Tell me more", []),
+                   ("And in this one?", ["image2"]), ("Which do you like?", [])],
+    "qwen2_5_omni": [("What did you hear?", ["audio"]), ("Tell me more", []), ("And this?", ["image"]),
+                     ("Thanks", [])],
+}
+
+
+def converse(model_name: str, tiny_models, reuse: bool, runtime_device: str = "cpu") -> tuple[list, list, list]:
+    """The tiny model answering TURNS in-process, greedily in float32 on the CPU, with or without the cache kept
+    between turns: (answers, each turn's first logits, each turn's reused token count)."""
+    import torch
+
+    from conftest import WAV16
+
+    info = rm.resolve_model(str(tiny_models[model_name]))
+    plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker",) if info.kind == "omni" else ())
+    model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
+    sampling = rm.Sampling(10, temperature=0)
+    loaded = rm.Loaded(model, processor, plan, 0.0, {}, rm.choose_runtime(model, runtime_device,
+                                                                          rm.Options(sampling=sampling)))
+    files = {"image": lambda: rm.load_image(str(SAMPLE_IMAGE)), "image2": lambda: rm.load_image(str(SECOND_IMAGE)),
+             "audio": lambda: rm.load_audio(str(WAV16))}
+    chat, messages, answers, logits, reused = rm.ChatCache() if reuse else None, [], [], [], []
+    first = rm.prefill
+
+    def spy(*args, **kwargs):
+        out, delta = first(*args, **kwargs)
+        logits.append(out.logits[0, -1].float().clone())
+        return out, delta
+    rm.prefill = spy
+    try:
+        for text, attached in TURNS[model_name]:
+            turn = rm.Media(images=[files[n]() for n in attached if n.startswith("image")],
+                            audios=[files[n]() for n in attached if n == "audio"])
+            messages.append(rm.build_messages(text, None, turn, info.kind)[-1])
+            media = rm.media_of(messages, False)
+            inputs = rm.prepare_inputs(processor, messages, model.device, media, chat.pictures if chat else None)
+            with torch.inference_mode():
+                answer = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, chat=chat)
+            answers.append(answer.text)
+            reused.append(chat.reused if chat else 0)
+            messages.append({"role": "assistant", "content": answer.text if info.kind == "text"
+                             else [{"type": "text", "text": answer.text}]})
+    finally:
+        rm.prefill = first
+    return answers, logits, reused
+
+
+@pytest.mark.parametrize("model_name", list(TURNS))
+def test_every_turn_from_the_cache_is_what_a_fresh_prefill_of_the_history_gives(tiny_models, model_name):
+    """Four turns, a picture or a recording in the first and another in the third: the tokens equal those of
+    a prefill of the whole history at every turn, the first logits within float32 rounding; from the second
+    turn on most of the prompt comes from the cache."""
+    fresh, fresh_logits, _ = converse(model_name, tiny_models, reuse=False)
+    kept, kept_logits, reused = converse(model_name, tiny_models, reuse=True)
+    assert kept == fresh and all(answer.strip() for answer in fresh)
+    for a, b in zip(kept_logits, fresh_logits):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    assert reused[0] == 0 and all(count > 20 for count in reused[1:]), reused
+
+
+def test_an_interrupted_answer_stays_in_the_cache_as_in_the_history(tiny_models):
+    """Ctrl-C after three tokens (raised where the answer's tokens are handed on, as the signal would): the cache
+    holds the prompt and the tokens whose keys it computed, each layer alike; the next turn goes on from it and
+    answers as a fresh prefill of that history would."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    info = rm.resolve_model(str(tiny_models["qwen2"]))
+    plan = rm.Plan("cpu", "float32", None, "", ())
+    model, tokenizer = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
+    sampling = rm.Sampling(10, temperature=0)
+    runtime = rm.choose_runtime(model, "cpu", rm.Options(sampling=sampling))
+
+    class CtrlC(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            if len(self.tokens) == 3:
+                raise KeyboardInterrupt
+            self.tokens += value.reshape(-1).tolist() if self.tokens or value.numel() == 1 else []
+
+        def end(self):
+            pass
+    chat, messages = rm.ChatCache(), [{"role": "user", "content": "Hello cat"}]
+    inputs = rm.prepare_inputs(tokenizer, messages, "cpu")
+    streamer = CtrlC()
+    with torch.inference_mode(), pytest.raises(KeyboardInterrupt):
+        rm.fast_generate(runtime, model, inputs, sampling, streamer, {}, chat)
+    prompt = inputs["input_ids"][0].tolist()
+    assert chat.ids == prompt + streamer.tokens   # the three shown: the step of each of them ran
+    assert {keys.shape[-2] for keys, _ in rm._cache_layers(chat.cache, len(chat.cache))} == {len(chat.ids)}
+    messages += [{"role": "assistant", "content": tokenizer.decode(streamer.tokens, skip_special_tokens=True)},
+                 {"role": "user", "content": "Go on"}]
+    loaded = rm.Loaded(model, tokenizer, plan, 0.0, {}, runtime)
+    inputs = rm.prepare_inputs(tokenizer, messages, "cpu")
+    with torch.inference_mode():
+        kept = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE, chat=chat).text
+        fresh = rm.generate_answer(loaded, inputs, sampling, rm.SHOW_NONE).text
+    assert kept == fresh and chat.reused >= len(prompt)
+
+
+def test_the_generate_path_keeps_the_cache_too(tiny_models):
+    """--no_fast_decode: transformers' generate() continues from the chat's cache where the new tokens are text,
+    and the answers are a fresh prefill's."""
+    fresh, _, _ = converse("qwen2_5_vl", tiny_models, reuse=False)
+    first = rm.choose_runtime
+
+    def generate_runtime(model, device, options):
+        return first(model, device, rm.dataclasses.replace(options, fast_decode=False))
+    rm.choose_runtime = generate_runtime
+    try:
+        kept, _, reused = converse("qwen2_5_vl", tiny_models, reuse=True)
+    finally:
+        rm.choose_runtime = first
+    assert kept == fresh and reused[1] > 20 and reused[3] > 20
+
+
+def test_a_chat_says_what_it_reused_and_saves_it(tiny_models, tmp_path):
+    """The stats line (/stats) and --verbose say each turn's reused tokens; /save records them; --no_kv_reuse
+    computes everything again and answers the same; after /clear a question without a picture is answered
+    as in a new chat (the picture's positions are not carried over)."""
+    model = tiny_models["qwen2_5_vl"]
+    saved = tmp_path / "chat.json"
+    script = f"/image {SAMPLE_IMAGE}\nDescribe it\nTell me more\n/stats\n/save {{}}\n/clear\nHello cat\n"
+    kept = run_tool("--model_id", model, *CHAT, "--verbose", stdin=script.format(saved))
+    fresh = run_tool("--model_id", model, *CHAT, "--no_kv_reuse", stdin=script.format(tmp_path / "again.json"))
+    assert kept.returncode == fresh.returncode == 0, kept.stderr + fresh.stderr
+    expected = reference_chat(model, [("Describe it", [SAMPLE_IMAGE]), ("Tell me more", [])])
+    assert kept.stdout == fresh.stdout == "\n".join(expected + reference_chat(model, [("Hello cat", [])])) + "\n"
+    record = json.loads(saved.read_text())["messages"]
+    assert record[1]["reused_tokens"] == 0 and record[3]["reused_tokens"] > 20
+    assert f"({record[3]['reused_tokens']} reused, " in kept.stderr and "reused" not in fresh.stderr
