@@ -285,3 +285,24 @@ def test_a_chat_says_what_it_reused_and_saves_it(tiny_models, tmp_path):
     record = json.loads(saved.read_text())["messages"]
     assert record[1]["reused_tokens"] == 0 and record[3]["reused_tokens"] > 20
     assert f"({record[3]['reused_tokens']} reused, " in kept.stderr and "reused" not in fresh.stderr
+
+
+def test_a_spoken_chat_keeps_the_thinkers_cache_and_speaks_each_turn(tiny_models, tmp_path):
+    """The tiny Omni in a chat with --output_audio: a WAV a turn (reply-1.wav, reply-2.wav), the second turn
+    reading its first from the cache; the same words and the same speech as computing the whole conversation
+    at every turn (seeded)."""
+    import soundfile
+
+    def spoken(folder, *flags):
+        folder.mkdir()
+        return run_tool("--model_id", tiny_models["qwen2_5_omni"], "--interactive", "--output_audio",
+                        folder / "reply.wav", "--max_speech_seconds", "0.4", "--seed", "3", *flags, *GREEDY,
+                        stdin="Say something\nSay more\n/stats\n")
+    kept, fresh = spoken(tmp_path / "kept"), spoken(tmp_path / "fresh", "--no_kv_reuse")
+    assert kept.returncode == fresh.returncode == 0, kept.stderr + fresh.stderr
+    assert kept.stdout == fresh.stdout and len(kept.stdout.splitlines()) == 2
+    for turn in (1, 2):
+        ours, theirs = (soundfile.read(tmp_path / side / f"reply-{turn}.wav")[0] for side in ("kept", "fresh"))
+        assert len(ours) > 0 and (ours == theirs).all()
+    import re
+    assert re.search(r"prompt \d+ tokens \([1-9]\d* reused, \d+ computed\)", kept.stderr) and "reused" not in fresh.stderr
