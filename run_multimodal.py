@@ -56,11 +56,13 @@ import logging
 import math
 import os
 import platform
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -94,6 +96,7 @@ LARGE_MPS_MIN_RAM_GB = 32
 GB = 1024**3
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 FLOAT32_COMPONENTS = frozenset({"token2wav"})             # Qwen2.5-Omni runs its vocoder in float32
+METAL_KEPT = ("talker", "token2wav")   # Metal quantizes the thinker alone: a spoken reply's parts keep their precision
 ACTIVATION_FIXED_BYTES = 256 * 1024**2   # allocator slack, kernels' workspaces
 ACTIVATION_WEIGHT_FRACTION = 0.05        # buffers that grow with the model (rotary tables, norms, logits)
 PREFILL_VALUES_PER_TOKEN = 4             # x intermediate size: the MLP's widest activations at prefill
@@ -127,6 +130,10 @@ SPEECH_CHUNK_SCHEDULE = (1, 2, 4, 8)
 VOCODER_OVERLAP_FRAMES = 20     # mel frames run on either side of a chunk, their samples trimmed
 VOCODER_FLOOR_DB = -115         # the vocoder's decibel floor (transformers' Qwen2.5-Omni BigVGAN forward)
 SPEECH_HOP = 240
+# A spoken conversation (--voice): Silero VAD's windows, the silence that ends a turn, the speech kept either side
+VOICE_WINDOW = 512                     # samples at 16 kHz: 32 ms
+DEFAULT_END_SILENCE_MS = 450           # the detector is sure ~0.45 s after speech ends; assistants wait 0.3-0.7 s
+VOICE_PAD_MS = 30
 SPEECH_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                         "perceiving auditory and visual inputs, as well as generating text and speech.")
 
@@ -221,11 +228,13 @@ class NonFiniteLogits(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C while answering; `text` is the answer so far (a chat keeps it)."""
+    """Ctrl-C while answering (or a spoken reply stopped); `text` is the answer so far, as far as it was heard
+    where it was spoken (a chat keeps it); `first_sound` and `silenced`: when its sound began and was stopped
+    (perf_counter(); None where it had none)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, first_sound: float | None = None, silenced: float | None = None):
         super().__init__(text)
-        self.text = text
+        self.text, self.first_sound, self.silenced = text, first_sound, silenced
 
 
 def _terminate(signum, frame) -> None:
@@ -433,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-stage timings on stderr: load, media decode, encoding and prefill, decode, speech")
     add("--interactive", action="store_true", help="chat: load the model once and answer message after message "
         "(/help inside lists the commands); also when no --prompt is given and stdin is a terminal")
+    add("--voice", action="store_true", help="talk to it: listen on the microphone, answer aloud as the answer is "
+                                             "made, turn after turn (Qwen2.5-Omni; Enter stops a reply, Ctrl-D leaves)")
+    add("--barge_in", action="store_true", help="with --voice: speaking over a reply stops it (with headphones; "
+                                                "through speakers the microphone would hear the reply)")
+    add("--end_silence_ms", type=_int_at_least(100, 5000), metavar="MS", help="with --voice: the silence that ends "
+        f"your turn (default: {DEFAULT_END_SILENCE_MS})")
     add = parser.add_argument_group("a serving engine instead of this machine").add_argument
     add("--server", metavar="URL", help="send the request to a serving engine over the OpenAI protocol (vLLM, "
         "SGLang, transformers serve, Ollama, LM Studio): its base URL, such as http://gpu-box:8000/v1; --model_id "
@@ -501,6 +516,9 @@ class Options:
     json: bool = False
     verbose: bool = False
     interactive: bool = False
+    voice: bool = False                  # --voice: a spoken conversation from the microphone
+    barge_in: bool = False
+    end_silence_ms: int = DEFAULT_END_SILENCE_MS
     trust_remote_code: bool = False
     self_test: bool = False
     debug: bool = False
@@ -522,10 +540,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
     """The flags as Options: contradictions refused, the prompt read, derived values computed once."""
     check_flags(args)
     one_shot = args.dry_run or args.json or args.output_audio or args.play   # flags for one answer only
-    interactive = not args.self_test and (
+    interactive = not args.self_test and not args.voice and (
         args.interactive or (args.prompt is None and not one_shot and stdin_is_terminal()))
-    prompt = None if args.self_test or (interactive and args.prompt is None) else read_prompt(args)
-    speech = bool(args.output_audio or args.play)
+    prompt = None if args.self_test or args.voice or (interactive and args.prompt is None) else read_prompt(args)
+    speech = bool(args.output_audio or args.play or args.voice)
     derived = dict(
         prompt=prompt, interactive=interactive, image_paths=tuple(args.image_path), audio_paths=tuple(args.audio_path),
         video_paths=tuple(args.video_path), custom_system_prompt=bool(args.system_prompt),
@@ -533,6 +551,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k),
         show=SHOW_NONE if args.json else SHOW_ONCE if args.no_stream else SHOW_STREAM,
         fast_decode=not args.no_fast_decode, compile_layers=args.compile, kv_reuse=not args.no_kv_reuse,
+        play=args.play or args.voice, end_silence_ms=args.end_silence_ms or DEFAULT_END_SILENCE_MS,
         output_audio=Path(args.output_audio).expanduser() if args.output_audio else None,
         answer_to_stderr=bool(args.output_audio) and is_stdout(Path(args.output_audio)),
         speech_codes=math.ceil(args.max_speech_seconds * TALKER_CODES_PER_SECOND) if args.max_speech_seconds
@@ -571,6 +590,11 @@ def check_flags(args: argparse.Namespace) -> None:
             not Path(args.output_audio).is_file():
         raise UsageError(f"--output_audio {args.output_audio} with --interactive: a chat writes a WAV a turn "
                          "(reply-1.wav, reply-2.wav ...); give a file name")
+    if args.voice:
+        check_voice_flags(args)
+    for flag in ("barge_in", "end_silence_ms"):
+        if getattr(args, flag) and not args.voice:
+            raise UsageError(f"--{flag} is about a spoken conversation; add --voice")
     if args.interactive and args.prompt == "-":
         raise UsageError("--prompt - with --interactive: the chat reads its messages from stdin; give the first "
                          "message as --prompt TEXT")
@@ -592,8 +616,17 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.use_audio_in_video and not args.video_path:
         raise UsageError("--use_audio_in_video needs a --video_path whose sound track to use")
     for flag in ("speaker", "max_speech_seconds"):
-        if getattr(args, flag) and not (args.output_audio or args.play):
+        if getattr(args, flag) and not (args.output_audio or args.play or args.voice):
             raise UsageError(f"--{flag} is about the spoken reply; add --output_audio reply.wav or --play")
+
+
+def check_voice_flags(args: argparse.Namespace) -> None:
+    """--voice: a conversation spoken and heard here, which these flags would contradict."""
+    for flag, why in (("server", "a serving engine's audio is not wired up"), ("json", "it answers turn after turn"),
+                      ("output_audio", "the replies are heard as they are made"), ("interactive", "it is a chat "
+                      "already"), ("prompt", "speak your first question")):
+        if getattr(args, flag) and not (flag == "json" and args.dry_run):   # the plan as JSON is fine
+            raise UsageError(f"--{flag} with --voice: {why}; drop --{flag}")
 
 
 def check_self_test_flags(args: argparse.Namespace) -> None:
@@ -934,6 +967,7 @@ def check_modalities(options: Options, info: ModelInfo) -> None:
             ("--video_path", options.video_paths, "video" in info.inputs, "watch video", "an Omni model"),
             ("--audio_path" if options.audio_paths else "--use_audio_in_video",
              options.audio_paths or options.use_audio_in_video, "audio" in info.inputs, "hear audio", "an Omni model"),
+            ("--voice", options.voice, "audio" in info.inputs, "hear you", "an Omni model"),
             (flag_of_speech(options), options.speaks, info.kind == "omni", "speak", "an Omni model")):
         if given and not able:
             raise UsageError(f"{flag}: {options.model_id} is {what} and cannot {cannot}; drop {flag} or use {hint} "
@@ -954,7 +988,8 @@ def build_messages(prompt: str, system_prompt: str | None, media: Media, kind: s
     content = [{"type": "video", "video": video.frames, "clip": video} for video in media.videos]
     content += [{"type": "image", "image": image} for image in media.images]
     content += [{"type": "audio", "audio": audio} for audio in media.audios]
-    content.append({"type": "text", "text": prompt})
+    if prompt or not content:   # a spoken turn (--voice) is its recording alone
+        content.append({"type": "text", "text": prompt})
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -975,8 +1010,9 @@ def media_of(messages: list[dict], use_audio_in_video: bool) -> Media:
 
 def prepare_inputs(processor, messages: list[dict], device, media: Media | None = None, pictures: dict | None = None):
     """Chat template and media through the processor; tensors on the model's device. With `pictures` (a chat's),
-    each picture is resized and normalised once, however many turns it stays in the conversation."""
-    if pictures is not None and media is not None and media.images:
+    each picture is resized and normalised, and each recording's features computed, once, however many turns it
+    stays in the conversation."""
+    if pictures is not None and media is not None and (media.images or media.audios):
         with _remembering(processor, pictures):
             return prepare_inputs(processor, messages, device, media)
     if media is None or not (media.audios or media.videos):
@@ -1007,33 +1043,40 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
 
 
 @contextlib.contextmanager
-def _remembering(processor, pictures: dict):
-    """The processor's image processor, for the while, taking what it made of a picture before from `pictures`
-    (by the picture object, which stays in the conversation): its outputs for several pictures are the ones it
-    makes for each alone, in order."""
+def _remembering(processor, memo: dict):
+    """The processor's image processor and audio feature extractor, for the while, taking what they made of a
+    picture or a recording before from `memo` (by the object, which stays in the conversation): their outputs for
+    several are the ones they make for each alone, in order (each recording is padded to 30 s alone)."""
+    import numpy as np
     import torch
     from transformers import BatchFeature
-    own = processor.image_processor
 
-    class Remembering:
-        def __getattr__(self, name):
-            return getattr(own, name)
+    def remembering(own):
+        class Remembering:
+            def __getattr__(self, name):
+                return getattr(own, name)
 
-        def __call__(self, images=None, *args, **kwargs):
-            flat = list(images) if isinstance(images, (list, tuple)) else [images]
-            while any(isinstance(item, (list, tuple)) for item in flat):
-                flat = [inner for item in flat for inner in (item if isinstance(item, (list, tuple)) else [item])]
-            made = []
-            for picture in flat:
-                if pictures.get(id(picture), (None,))[0] is not picture:
-                    pictures[id(picture)] = picture, own(images=[picture], *args, **kwargs)
-                made.append(pictures[id(picture)][1])
-            return BatchFeature({key: torch.cat([one[key] for one in made]) for key in made[0]})
-    processor.image_processor = Remembering()
+            def __call__(self, items=None, *args, **kwargs):
+                flat = list(items) if isinstance(items, (list, tuple)) else [items]
+                while any(isinstance(item, (list, tuple)) for item in flat):
+                    flat = [inner for item in flat for inner in (item if isinstance(item, (list, tuple)) else [item])]
+                made = []
+                for item in flat:
+                    if memo.get(id(item), (None,))[0] is not item:
+                        memo[id(item)] = item, own([item], *args, **kwargs)
+                    made.append(memo[id(item)][1])
+                return BatchFeature({key: torch.cat([one[key] for one in made]) if torch.is_tensor(made[0][key]) else
+                                     np.concatenate([one[key] for one in made]) for key in made[0]})
+        return Remembering()
+    owned = {name: getattr(processor, name) for name in ("image_processor", "feature_extractor")
+             if getattr(processor, name, None) is not None}
+    for name, own in owned.items():
+        setattr(processor, name, remembering(own))
     try:
         yield
     finally:
-        processor.image_processor = own
+        for name, own in owned.items():
+            setattr(processor, name, own)
 
 
 # · the spoken reply out (--output_audio, --play): all that can be checked before loading
@@ -1065,24 +1108,32 @@ def check_speech_outputs(options: Options) -> None:
                 raise UsageError(f"--output_audio {file}: cannot write in {target.parent} ({exc.strerror}); choose "
                                  "a folder you can write to") from exc
     if options.play and not options.dry_run:
-        check_play()
+        check_play("--voice" if options.voice else "--play")
 
 
-def check_play() -> None:
-    """--play needs sounddevice, the PortAudio library under it, and an output device."""
+def check_play(flag: str = "--play") -> None:
+    """--play needs sounddevice, the PortAudio library under it, and an output device; --voice a microphone and
+    the voice detector (silero-vad) too."""
+    instead = "ask in text with --interactive" if flag == "--voice" else "use --output_audio reply.wav"
     try:
         sounddevice = importlib.import_module("sounddevice")
     except ImportError as exc:
-        raise RunError("--play needs the sounddevice package: pip install sounddevice (or pip install -r "
-                       "requirements.txt), or use --output_audio reply.wav") from exc
+        raise RunError(f"{flag} needs the sounddevice package: pip install sounddevice (or pip install -r "
+                       f"requirements.txt), or {instead}") from exc
     except OSError as exc:   # the wheel brings PortAudio on macOS and Windows; Linux has it as a system package
-        raise RunError(f"--play: PortAudio, which sounddevice plays through, is not installed ({exc}); install it "
-                       "(Debian, Ubuntu: apt install libportaudio2) or use --output_audio reply.wav") from exc
+        raise RunError(f"{flag}: PortAudio, which sounddevice plays through, is not installed ({one_line(exc)}); "
+                       f"install it (Debian, Ubuntu: apt install libportaudio2) or {instead}") from exc
+    for kind, what in (("output", "audio output device"), ("input", "microphone"))[:2 if flag == "--voice" else 1]:
+        try:
+            sounddevice.query_devices(kind=kind)
+        except (sounddevice.PortAudioError, ValueError) as exc:
+            raise RunError(f"{flag}: this machine has no {what} ({one_line(exc)}); {instead}") from exc
     try:
-        sounddevice.query_devices(kind="output")
-    except (sounddevice.PortAudioError, ValueError) as exc:
-        raise RunError(f"--play: this machine has no audio output device ({exc}); use --output_audio reply.wav "
-                       "instead") from exc
+        if flag == "--voice":
+            importlib.import_module("silero_vad")
+    except ImportError as exc:
+        raise RunError("--voice needs the silero-vad package, the voice detector (its model comes inside it): pip "
+                       "install silero-vad (or pip install -r requirements.txt)") from exc
 
 
 def _has_talker_weights(info: ModelInfo) -> bool:
@@ -1770,6 +1821,7 @@ class Estimate:
     kv_cache_bytes: int
     activation_bytes: int
     prompt_tokens: int = 0                   # the prompt's text (estimated) and media tokens
+    whole_window: bool = False               # a conversation: its cache counted up to the context window
 
     @property
     def parameters(self) -> int:
@@ -1859,7 +1911,7 @@ def weight_bytes(facts: ModelFacts, components: tuple[str, ...], dtype: str, qua
         parameters = facts.parameters[name]
         if name in FLOAT32_COMPONENTS:
             sizes[name] = (parameters, parameters * 4)
-        elif quantization:
+        elif quantization and not (quantizer == "metal" and name in METAL_KEPT):
             packed = facts.quantizable[name]
             bits = int(quantization.removesuffix("bit"))
             per_weight = quantizer_facts(quantizer).bytes_per_weight(bits, group, width)
@@ -1882,19 +1934,21 @@ def estimate_memory(facts: ModelFacts, components: tuple[str, ...], dtype: str, 
         media += sum(images) + sum(videos)
         encoded_patches = max([t - 2 for t in images + videos], default=0) * facts.vision.merge_size ** 2
     prompt = workload.text_tokens + media
-    context = min(prompt + options.sampling.max_new_tokens, facts.context_window or math.inf)   # never past it
-    if options.interactive and facts.context_window:   # a chat keeps its cache, which grows to the whole window
+    turn = context = min(prompt + options.sampling.max_new_tokens, facts.context_window or math.inf)   # never past it
+    chat = options.interactive or options.voice
+    if chat and facts.context_window:   # a chat keeps its cache, which grows to the whole window
         context = facts.context_window
     kv = context * facts.kv_elements_per_token * width
     if "talker" in components:
         kv += (context + options.speech_codes) * facts.talker_kv_elements_per_token * width
-        kv += context * (facts.num_layers + 1) * facts.hidden_size * width   # hidden states handed to the talker
+        kv += turn * (facts.num_layers + 1) * facts.hidden_size * width   # a turn's hidden states, for the talker
+        kv += (context * facts.hidden_size * width) if chat else 0        # what a chat keeps of them (its rows)
     weights = sum(b for _, b in sizes.values())
     activations = (ACTIVATION_FIXED_BYTES + int(weights * ACTIVATION_WEIGHT_FRACTION)
                    + prompt * facts.intermediate_size * PREFILL_VALUES_PER_TOKEN * width)
     if encoded_patches:
         activations += encoded_patches * facts.vision.hidden_size * VISION_VALUES_PER_PATCH * width
-    return Estimate(sizes, context, media, kv, activations, prompt)
+    return Estimate(sizes, context, media, kv, activations, prompt, bool(chat and facts.context_window))
 
 
 def metal_budget(hw: Hardware) -> tuple[int, str]:
@@ -2015,20 +2069,18 @@ def choose_quantization(hw: Hardware, device: str, options: Options) -> tuple[st
         return None, []
     if hw.apple_silicon:
         lines = ["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
-        if device == "mps" and not options.speaks:
-            return options.quantize, lines + [_metal_line(options.quantize)]
         if device == "mps":
-            return None, lines + ["🍎 Metal quantization is not used for a spoken reply (the talker and token2wav "
-                                  "stay in 16 and 32 bits)"]
+            return options.quantize, lines + [_metal_line(options.quantize, options.speaks)]
         return None, lines + ["💡 MPS will provide GPU acceleration instead"]
     if device != "cuda":
         return None, [f"⚠️ Skipping --quantize {options.quantize}: quantization needs a CUDA GPU or Apple Silicon"]
     return options.quantize, [f"🗜️ {options.quantize} quantization with bitsandbytes"]
 
 
-def _metal_line(bits: str) -> str:
+def _metal_line(bits: str, speaks: bool = False) -> str:
     return (f"🗜️ {bits} Metal quantization on MPS (MLX's kernels through transformers' MetalConfig; the weights "
-            "are quantized as they load)")
+            "are quantized as they load" + ("; the thinker alone: the talker and token2wav keep 16 and 32 bits)" if
+                                            speaks else ")"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2057,8 +2109,7 @@ def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
     if options.forced:
         yield first
         return
-    if mps_usable(hw, options, vision) and not options.speaks and not (quantization or options.quantize != "none"
-                                                                        and device == "mps"):
+    if mps_usable(hw, options, vision) and not (quantization or options.quantize != "none" and device == "mps"):
         yield from _mac_ladder(hw, tier, options, first)
     else:
         yield first
@@ -2074,7 +2125,7 @@ def candidates(hw: Hardware, tier: str, options: Options, facts: ModelFacts):
 def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
     """MPS in 16-bit where the size policy's tier puts the model there, then Metal 8-bit and 4-bit (or the
     --quantize asked for) on MPS: a 7B model on a 16 GB Mac runs on its GPU, not on a CPU that cannot
-    hold it. (Not for a spoken reply: the talker and token2wav are not quantized.)"""
+    hold it. (For a spoken reply the thinker alone is quantized: METAL_KEPT.)"""
     dtype, dtype_reasons = choose_dtype(hw, "mps", options)
     if first.device == "mps":
         yield first
@@ -2086,7 +2137,7 @@ def _mac_ladder(hw: Hardware, tier: str, options: Options, first: Candidate):
                 *(["🍎 Skipping quantization on Apple Silicon (bitsandbytes not compatible)"]
                   if options.quantize != "none" else []))
     for bits in ([options.quantize] if options.quantize != "none" else ["8bit", "4bit"]):
-        yield Candidate("mps", dtype, bits, (*lead, _metal_line(bits)), "metal")
+        yield Candidate("mps", dtype, bits, (*lead, _metal_line(bits, options.speaks)), "metal")
         lead = ()
 
 
@@ -2286,11 +2337,14 @@ def describe_plan(plan: Plan) -> list[str]:
     lines = [f"📋 Plan: {where}, {plan.dtype}, "
              + (f"{precision_of(plan)} quantization" if plan.quantization else "no quantization")]
     for name, (parameters, nbytes) in estimate.components.items():
-        precision = "float32" if name in FLOAT32_COMPONENTS else precision_of(plan)
+        precision = "float32" if name in FLOAT32_COMPONENTS else plan.dtype if plan.quantizer == "metal" and \
+            name in METAL_KEPT else precision_of(plan)
         lines.append(f"   {name:<12}{format_count(parameters):>10}  {format_bytes(nbytes):>10}  {precision}")
     media = f", {estimate.media_tokens} of them for media" if estimate.media_tokens else ""
     lines.append(f"   {'KV cache':<12}{'':>10}  {format_bytes(estimate.kv_cache_bytes):>10}  "
-                 f"{estimate.context_tokens} tokens (prompt, estimated{media}, + --max_new_tokens)")
+                 f"{estimate.context_tokens} tokens " + ("(the context window: a conversation keeps its cache)"
+                                                         if estimate.whole_window else
+                                                         f"(prompt, estimated{media}, + --max_new_tokens)"))
     lines.append(f"   {'margin':<12}{'':>10}  {format_bytes(estimate.activation_bytes):>10}  "
                  "activations, media encoders, allocator slack")
     verdict = "fits" if plan.fits else "does NOT fit"
@@ -2394,7 +2448,8 @@ def _quantization_config(plan: Plan, info: ModelInfo):
             raise RunError(f"{plan.quantization} Metal quantization needs the kernels package: pip install -U kernels "
                            "(or --device cpu)")
         from transformers import MetalConfig
-        return MetalConfig(bits=int(plan.quantization.removesuffix("bit")), group_size=METAL_GROUP_SIZE)
+        return MetalConfig(bits=int(plan.quantization.removesuffix("bit")), group_size=METAL_GROUP_SIZE,
+                           modules_to_not_convert=metal_skips(plan))
     if not _has_bitsandbytes():
         raise RunError(f"--quantize {plan.quantization} needs bitsandbytes: pip install bitsandbytes "
                        "(or run without --quantize)")
@@ -2403,6 +2458,12 @@ def _quantization_config(plan: Plan, info: ModelInfo):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def metal_skips(plan: Plan) -> list[str] | None:
+    """What Metal leaves unquantized: with a spoken reply the talker and token2wav, and the output head, which
+    transformers leaves out on its own only where it is given no list (None: its defaults)."""
+    return ["lm_head", *METAL_KEPT] if "talker" in plan.components else None
 
 
 def _metal_kernels_ready(plan: Plan) -> None:
@@ -2863,6 +2924,12 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def cache_keyword(model) -> str:
+    """The keyword a model's forward and generate() take a KV cache by: `cache` from transformers 5.24 on (the old
+    name is deprecated there)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _cache_layers(cache, count: int):
     """(keys, values) of each layer of a transformers cache, across the 5.x layouts."""
     if hasattr(cache, "layers"):
@@ -3135,7 +3202,7 @@ class ChatCache:
     delta: int = 0
     rows: object = None
     reused: int = 0
-    pictures: dict = dataclasses.field(default_factory=dict)   # what the processor made of each, by the object
+    pictures: dict = dataclasses.field(default_factory=dict)   # what the processor made of each picture and recording
 
     def clear(self) -> None:
         """A new conversation (/clear)."""
@@ -3210,7 +3277,7 @@ def prefill(model, inputs, extra: dict, chat: ChatCache | None = None, **kwargs)
         start, suffix_inputs = suffix
         chat.cut(start)
         where = {} if positions is None else {"position_ids": positions[..., start:]}
-        out = model(**suffix_inputs, **where, **extra, **kwargs, past_key_values=chat.cache, use_cache=True)
+        out = model(**suffix_inputs, **where, **extra, **kwargs, **{cache_keyword(model): chat.cache}, use_cache=True)
         cache = chat.cache
     if chat is not None:
         chat.cache, chat.ids, chat.delta, chat.reused = cache, ids, delta, start
@@ -3257,11 +3324,14 @@ def _suffix(model, inputs, start: int, extra: dict):
 class AudioOut:
     """The spoken reply as its chunks come: kept for --output_audio, and with --play heard through the default
     output device as they come, PortAudio's own thread pulling them from a queue so that generating never waits
-    on the sound card. `first_s` is when the first chunk came, counted from `start`."""
+    on the sound card. `first_s` is when the first chunk came, counted from `start`; `played` counts the samples
+    handed to the device, `first_played` and `silenced` are when the first went and when `stop` silenced it."""
 
-    def __init__(self, play: bool, start: float):
+    def __init__(self, play: bool, start: float, stop=None):
+        """`stop`, a threading.Event: once set, the sound stops at the next block the device asks for."""
         import numpy as np
-        self.chunks, self.first_s, self.start = [], None, start
+        self.chunks, self.first_s, self.start, self.stop = [], None, start, stop
+        self.played, self.first_played, self.silenced = 0, None, None
         self.queue, self.buffer, self.stream = collections.deque(), np.zeros(0, dtype=np.float32), None
         if play:
             import sounddevice
@@ -3271,10 +3341,22 @@ class AudioOut:
 
     def _fill(self, out, frames, time_info, status) -> None:
         import numpy as np
+        if self.stop is not None and self.stop.is_set():
+            self.queue.clear()
+            self.buffer = self.buffer[:0]
+            self.silenced = self.silenced or time.perf_counter()
         while len(self.buffer) < frames and self.queue:
             self.buffer = np.concatenate((self.buffer, self.queue.popleft()))
         count = min(frames, len(self.buffer))
         out[:count, 0], out[count:, 0], self.buffer = self.buffer[:count], 0.0, self.buffer[count:]
+        if count and self.first_played is None:
+            self.first_played = time.perf_counter()
+        self.played += count
+
+    def heard_share(self) -> float:
+        """The share of the speech made so far that was handed to the device."""
+        made = sum(len(chunk) for chunk in self.chunks)
+        return min(1.0, self.played / made) if made else 0.0
 
     def add(self, samples) -> None:
         if self.first_s is None:
@@ -3287,7 +3369,7 @@ class AudioOut:
         """All the samples (None if there were none); with --play, after they have been heard (`drain`)."""
         import numpy as np
         if self.stream:
-            while drain and (self.queue or len(self.buffer)):
+            while drain and (self.queue or len(self.buffer)) and not (self.stop is not None and self.stop.is_set()):
                 time.sleep(0.02)
             self.stream.stop()
             self.stream.close()
@@ -3561,6 +3643,8 @@ class SpokenReply:
         for row in itertools.chain([self.eos_row], itertools.repeat(self.pad_row)):
             if self.total is not None or self.codes.made >= self.codes.budget:
                 break
+            if self.audio.stop is not None and self.audio.stop.is_set():   # Enter, or a voice over the reply
+                raise KeyboardInterrupt
             self.feed(row)
         alone = time.perf_counter() - start - (self.wav_s - wav_s)
         self._flush(final=True)
@@ -3666,10 +3750,11 @@ def describe_sampling(generation_config, sampling: Sampling) -> str:
     return "🎲 Sampling: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
 
 
-def make_streamer(tokenizer, stream: bool):
+def make_streamer(tokenizer, stream: bool, stop=None):
     """A TextStreamer that prints to stdout as text is finalised (when `stream`) and notes when each
     token arrives. It runs in the decoding loop's own thread: TextIteratorStreamer's second thread
-    made CUDA decoding several times slower (bench/stream_overhead.py)."""
+    made CUDA decoding several times slower (bench/stream_overhead.py). Once `stop` (a threading.Event:
+    Enter, or a voice over the reply) is set, the next token stops the answer as Ctrl-C does."""
     from transformers import TextStreamer
 
     class PrintingStreamer(TextStreamer):
@@ -3679,6 +3764,8 @@ def make_streamer(tokenizer, stream: bool):
             self.pieces: list[str] = []
 
         def put(self, value):
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
             if not self.next_tokens_are_prompt:
                 self.token_times.append(time.perf_counter())
             super().put(value)
@@ -3686,6 +3773,9 @@ def make_streamer(tokenizer, stream: bool):
         def on_finalized_text(self, text: str, stream_end: bool = False):
             self.pieces.append(text)
             if stream and text:
+                if getattr(stop, "before_words", None):   # a spoken turn's status line gives way to the words
+                    stop.before_words()
+                    stop.before_words = None
                 write_stdout(text)
 
         @property
@@ -3736,7 +3826,7 @@ def generate_text(model, inputs, sampling: Sampling, streamer, extra: dict, chat
         else:
             chat.forget()
             start, chat.cache = 0, DynamicCache()
-        kwargs["past_key_values"], chat.reused = chat.cache, start
+        kwargs[cache_keyword(model)], chat.reused = chat.cache, start
     try:
         out = model.generate(**kwargs, **sampling.generate_kwargs(), **extra, streamer=streamer,
                              logits_processor=finite_guard(), return_dict_in_generate=True)
@@ -3767,18 +3857,19 @@ class Answer:
     end: float
     first_audio_s: float | None = None   # from the start to the first chunk of speech
     speech_figures: dict = dataclasses.field(default_factory=dict)   # the talker's and token2wav's
+    first_played: float | None = None    # perf_counter() when its first sample went to the speakers (--play)
 
 
 def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_audio_in_video: bool = False,
-                    chat: ChatCache | None = None) -> Answer:
+                    chat: ChatCache | None = None, stop=None) -> Answer:
     """Generate as the runtime decided at load time, printing the answer to stdout as it comes, once at the
     end, or not at all (--json); when it speaks, the spoken reply too; in a chat, from what its cache holds.
-    Ctrl-C raises Interrupted with the text so far."""
+    Ctrl-C (or `stop` set) raises Interrupted with the text so far."""
     runtime, model, speech = loaded.runtime, loaded.model, loaded.speech
-    streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM)
+    streamer = make_streamer(getattr(loaded.processor, "tokenizer", loaded.processor), show == SHOW_STREAM, stop)
     extra = {"use_audio_in_video": True} if use_audio_in_video else {}   # Omni interleaves a video's sound
     start = time.perf_counter()
-    audio, figures = AudioOut(speech.play, start) if runtime.speaks else None, {}
+    audio, figures = AudioOut(speech.play, start, stop) if runtime.speaks else None, {}
     try:
         if runtime.fast and runtime.speaks:
             figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio, chat)
@@ -3794,15 +3885,30 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_a
             audio.close(drain=False)
         end_answer(show, streamer.text, exc)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
-            raise Interrupted(streamer.text) from exc
+            raise stopped_answer(streamer.text, audio, stop) from exc
         if isinstance(exc, NonFiniteLogits):
             raise NonFiniteLogits(streamer.text) from exc
         raise
     end = time.perf_counter()
     end_answer(show, streamer.text)
     wav = audio.close(drain=True) if audio else None   # with --play, once it has been heard
+    if stop is not None and stop.is_set():   # stopped while it was heard
+        raise stopped_answer(streamer.text, audio, stop)
     return Answer(streamer.text, wav, int(inputs["input_ids"].shape[-1]), tuple(streamer.token_times), start, end,
-                  audio.first_s if audio else None, figures)
+                  audio.first_s if audio else None, figures, audio.first_played if audio else None)
+
+
+def stopped_answer(text: str, audio: AudioOut | None, stop) -> Interrupted:
+    """An answer stopped part-way. A spoken one stopped in a conversation (`stop`: Enter, a voice over it) keeps
+    its words in proportion to the speech heard (the speech the talker had made so far, where it had not ended),
+    to the word before: what the person heard is what the conversation holds."""
+    if audio is None or stop is None or not audio.stream:
+        return Interrupted(text)
+    kept = round(len(text) * audio.heard_share())
+    heard = text[:kept]
+    if kept < len(text) and not text[kept].isspace() and " " in heard:   # not half a word (text without spaces: to
+        heard = heard.rsplit(" ", 1)[0]                                     # the character)
+    return Interrupted(heard.rstrip(), audio.first_played, audio.silenced)
 
 
 def peak_memory(device: str) -> tuple[int | None, str]:
@@ -3852,11 +3958,13 @@ class Stats:
     talker_ms_per_code: float | None = None
     token2wav_s: float | None = None
     reused_tokens: int | None = None     # a chat's: the prompt's tokens taken from what earlier turns computed
+    started_at: float | None = None      # perf_counter() when generating began (for a spoken turn's figures)
+    first_played_s: float | None = None  # from the start to the first sample handed to the speakers (--play)
 
     def record(self) -> dict:
         """The figures for --json (where the weights went and their dtype are in its reproducibility record)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if field.name not in ("peak_memory_kind", "device_map", "dtype")}
+                if field.name not in ("peak_memory_kind", "device_map", "dtype", "started_at")}
 
     @property
     def real_time_factor(self) -> float | None:
@@ -3874,11 +3982,13 @@ def stats_of(answer: Answer, loaded: Loaded, media_decode_s: float, reused: int 
     if answer.wav is not None:
         figures.update(speech_s=answer.end - (times[-1] if times else answer.start),
                        audio_seconds=len(answer.wav) / SPEECH_SAMPLE_RATE, first_audio_s=answer.first_audio_s,
+                       first_played_s=answer.first_played and answer.first_played - answer.start,
                        **answer.speech_figures)
     peak, kind = peak_memory(loaded.plan.device)
     return Stats(device=loaded.plan.device, load_s=loaded.load_s, prompt_tokens=answer.prompt_tokens,
                  new_tokens=len(times), peak_memory_bytes=peak, peak_memory_kind=kind, media_decode_s=media_decode_s,
-                 device_map=loaded.device_map, dtype=loaded.plan.dtype, reused_tokens=reused, **figures)
+                 device_map=loaded.device_map, dtype=loaded.plan.dtype, reused_tokens=reused, started_at=answer.start,
+                 **figures)
 
 
 def describe_stats(stats: Stats) -> str:
@@ -3957,7 +4067,7 @@ def write_wav(path: Path, samples, rate: int) -> None:
 
 
 def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, media: Media,
-           chat: ChatCache | None = None) -> Outcome:
+           chat: ChatCache | None = None, stop=None) -> Outcome:
     """One turn: inputs through the processor, generation (in a chat, from what its cache holds), the spoken
     reply when the runtime speaks."""
     import torch
@@ -3967,7 +4077,7 @@ def answer(loaded: Loaded, options: Options, facts: ModelFacts, messages: list, 
                          hint="; /clear starts a new conversation" if options.interactive else "")
     use_audio_in_video = bool(media.use_audio_in_video and media.videos)
     with torch.inference_mode():
-        result = generate_answer(loaded, inputs, wanted, options.show, use_audio_in_video, chat)
+        result = generate_answer(loaded, inputs, wanted, options.show, use_audio_in_video, chat, stop)
     stats = stats_of(result, loaded, media.decode_s, chat.reused if chat is not None else None)
     if not loaded.runtime.speaks:
         return Outcome(result.text, stats, sampling)
@@ -4246,6 +4356,7 @@ class Conversation:
     turn_decode_s: float = 0.0                                  # the last message's media decode time
     last: Outcome | None = None                                 # the last answer, for /stats
     cache: ChatCache | None = None                              # what the model computed of it (not --no_kv_reuse)
+    stop: object = None                                         # a threading.Event that stops an answer (--voice)
 
     def __post_init__(self):
         self.clear()
@@ -4351,22 +4462,25 @@ def _next_line(queue: list, terminal: bool) -> str | None:
         return line or None
 
 
-def _chat_turn(conversation: Conversation, run_turn) -> None:
-    """Answer the last message with run_turn(); a failed turn is one Error: line and the chat goes on."""
+def _chat_turn(conversation: Conversation, run_turn) -> Interrupted | None:
+    """Answer the last message with run_turn(); a failed turn is one Error: line and the chat goes on. Returns
+    how an answer stopped part-way was stopped."""
     try:
         conversation.last = run_turn()
     except Interrupted as exc:
         conversation.reply(exc.text)
-        say("⏹️ Stopped; the answer so far stays in the conversation")
-        return
+        say("⏹️ Stopped; the answer so far stays in the conversation" + (" (as far as it was heard)" if
+                                                                         exc.first_sound else ""))
+        return exc
     except Exception as exc:   # out of memory, a bad turn: the session goes on
         conversation.take_back()
         what = one_line(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {one_line(exc, 300)}"
         say(f"Error: {'out of memory; /clear starts a shorter conversation' if is_out_of_memory(exc) else what}")
-        return
+        return None
     conversation.reply(conversation.last.text, conversation.last.stats)
     if conversation.options.verbose:
         say(describe_stages(conversation.last.stats))
+    return None
 
 
 def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: Options, media: Media,
@@ -4387,9 +4501,10 @@ def chat(info: ModelInfo, facts: ModelFacts, plan: Plan, hw: Hardware, options: 
             f"{options.output_audio.stem}-{sum(m['role'] == 'user' for m in conversation.record)}"
             f"{options.output_audio.suffix}")
         return answer(current[0], dataclasses.replace(options, output_audio=wav or None), facts,
-                      conversation.messages, conversation.media(), conversation.cache)
+                      conversation.messages, conversation.media(), conversation.cache, conversation.stop)
 
-    return chat_loop(conversation, media, lambda: with_fallbacks(
+    loop = voice_loop if options.voice else chat_loop
+    return loop(conversation, media, lambda: with_fallbacks(
         attempt, current[0].plan if current[0] else plan, hw, facts, options, workload))
 
 
@@ -4430,6 +4545,190 @@ def chat_loop(conversation: Conversation, media: Media, run_turn) -> int:
             say(f"Error: {one_line(exc)}")
     say("👋 Bye")
     return EXIT_OK
+
+
+# · a spoken conversation (--voice): the microphone, where speech starts and ends, turn after turn
+
+class Listener:
+    """The default microphone, and where the person starts and stops speaking in what it hears (Silero VAD, on
+    32 ms windows at 16 kHz). PortAudio calls `_heard` on its own thread: each block is resampled to 16 kHz if the
+    device runs at another rate and goes through the detector there (about 1 ms a window); a finished utterance
+    goes to `turns`, which the main thread waits on. While a reply is made (`replying`) the microphone is
+    ignored (it would hear the speakers), unless `barge_in`: then speech that starts sets `stop`, which silences
+    the reply at the next block the speakers ask for and stops its words at the next token."""
+
+    def __init__(self, end_silence_ms: int, barge_in: bool, stop):
+        import warnings
+
+        import numpy as np
+        import sounddevice
+        from silero_vad import VADIterator, load_silero_vad
+        with warnings.catch_warnings():   # torch.jit.load's deprecation, as Silero's model loads
+            warnings.simplefilter("ignore")
+            model = load_silero_vad()
+        self.vad = VADIterator(model, threshold=0.5, sampling_rate=AUDIO_SAMPLE_RATE,
+                               min_silence_duration_ms=end_silence_ms, speech_pad_ms=VOICE_PAD_MS)
+        self.barge_in, self.stop, self.turns = barge_in, stop, queue.Queue()
+        self.recent = self.pending = np.zeros(0, dtype=np.float32)   # the last second heard; samples not windowed yet
+        self.speech, self.onset, self.level, self.replying, self.deaf = None, 0.0, 0.0, False, False
+        self.position = self.origin = 0   # samples heard; where the detector's count began (it restarts after a reply)
+        self.barged = None                # (the voice's onset, when the detector saw it: stream seconds, perf_counter())
+        rate = int(sounddevice.query_devices(kind="input")["default_samplerate"])
+        self.resample = None if rate == AUDIO_SAMPLE_RATE else _require("soxr", "soxr", "--voice").ResampleStream(
+            rate, AUDIO_SAMPLE_RATE, 1, dtype="float32")
+        self.stream = sounddevice.InputStream(samplerate=rate, channels=1, dtype="float32", callback=self._heard,
+                                              blocksize=VOICE_WINDOW * rate // AUDIO_SAMPLE_RATE,
+                                              finished_callback=lambda: self.turns.put(None))
+
+    def __enter__(self):
+        self.stream.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.stop()
+        self.stream.close()
+
+    def _heard(self, indata, frames, time_info, status) -> None:
+        import numpy as np
+        block = np.ascontiguousarray(indata[:, 0], dtype=np.float32)
+        self.pending = np.concatenate((self.pending, self.resample.resample_chunk(block) if self.resample else block))
+        while len(self.pending) >= VOICE_WINDOW:
+            window, self.pending = self.pending[:VOICE_WINDOW], self.pending[VOICE_WINDOW:]
+            self._window(window)
+
+    def _window(self, window) -> None:
+        """One 32 ms window: the detector's verdict, the utterance so far, a turn when it ends."""
+        import numpy as np
+        import torch
+        self.position += len(window)
+        self.level = float(np.sqrt(np.mean(window ** 2)))
+        self.recent = np.concatenate((self.recent, window))[-AUDIO_SAMPLE_RATE:]
+        if self.replying and not self.barge_in:   # half-duplex: what it hears is the speakers
+            self.deaf = True
+            return
+        if self.deaf:   # the first window after a reply: the detector starts afresh from here
+            self.vad.reset_states()
+            self.speech, self.origin, self.deaf = None, self.position - len(window), False
+        event = self.vad(torch.from_numpy(window)) or {}
+        if "start" in event:
+            start = self.origin + event["start"]
+            self.speech = self.recent[max(0, len(self.recent) - (self.position - start)):]
+            self.onset = start / AUDIO_SAMPLE_RATE
+            if self.replying:   # a voice over the reply stops it
+                self.barged = (self.onset, self.position / AUDIO_SAMPLE_RATE, time.perf_counter())
+                self.stop.set()
+        elif self.speech is not None:
+            self.speech = np.concatenate((self.speech, window))
+        if "end" in event and self.speech is not None:
+            samples = self.speech[:len(self.speech) - (self.position - self.origin - event["end"])]
+            self.turns.put(Heard(samples, self.onset, (self.origin + event["end"]) / AUDIO_SAMPLE_RATE,
+                                 self.position / AUDIO_SAMPLE_RATE, time.perf_counter()))
+            self.speech = None
+
+    def next_turn(self, show):
+        """The next utterance (a Heard); None when the microphone stopped or stdin ended (Ctrl-D). show(state,
+        level) draws the status line meanwhile."""
+        while True:
+            try:
+                return self.turns.get(timeout=0.1)
+            except queue.Empty:
+                show("hearing you" if self.speech is not None else "listening", self.level)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heard:
+    """An utterance: its 16 kHz samples; where it started and ended in the microphone's stream (seconds); when the
+    detector was sure it had ended (stream seconds, and perf_counter() then)."""
+    samples: object
+    start: float
+    end: float
+    told: float
+    told_at: float
+
+
+class Turn(threading.Event):
+    """What stops a spoken turn's reply once set (Enter, a voice over it), and what to do before its first words
+    are printed (`before_words`: the status line cleared)."""
+    before_words = None
+
+
+def status_line(terminal: bool):
+    """show(state, level): one line at a terminal, redrawn in place (listening / hearing you / thinking, a level
+    meter while listening; it gives way to the reply's words); nothing in a pipe."""
+    def show(state: str, level: float = 0.0) -> None:
+        if terminal:
+            meter = "▁▂▃▄▅▆▇█"[min(7, int(level * 40))] * 3 if state in ("listening", "hearing you") else ""
+            sys.stderr.write(("\r🎙️ " + f"{state} {meter}" if state else "\r").ljust(40) + "\r")
+            sys.stderr.flush()
+    return show
+
+
+def watch_keys(stop, turns: queue.Queue) -> None:
+    """On a thread of its own: Enter stops a reply (sets `stop`); Ctrl-D at a terminal ends the conversation (the
+    end of a stdin that is not a terminal, /dev/null say, ends nothing: the keys are simply not there)."""
+    def watch() -> None:
+        try:   # the descriptor itself: a daemon thread blocked in the buffered reader's lock breaks the exit
+            while os.read(sys.stdin.fileno(), 4096):
+                stop.set()
+        except (OSError, ValueError, AttributeError):   # no stdin, or one that cannot be read: no keys
+            return
+        if stdin_is_terminal():
+            turns.put(None)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def voice_loop(conversation: Conversation, media: Media, run_turn) -> int:
+    """--voice: each utterance the microphone hears is a turn of the conversation, answered aloud as it is made
+    (in text where the model cannot speak); the flags' media go with the first. Enter or Ctrl-C stops a reply;
+    Ctrl-C while listening, or Ctrl-D, leaves."""
+    options = conversation.options
+    conversation.stop = stop = Turn()
+    conversation.pending = media
+    conversation.pending_paths = [*options.image_paths, *options.audio_paths, *options.video_paths]
+    show = status_line(sys.stderr.isatty())
+    listener = Listener(options.end_silence_ms, options.barge_in, stop)
+    say("🎙️ Talk: speak, then pause to let it answer; " + ("speaking over a reply stops it (headphones)" if
+        options.barge_in else "Enter stops a reply, the microphone resting while it plays") + "; Ctrl-D leaves")
+    watch_keys(stop, listener.turns)
+    with contextlib.suppress(KeyboardInterrupt), listener:   # Ctrl-C while listening leaves
+        while (heard := listener.next_turn(show)) is not None:
+            seconds = len(heard.samples) / AUDIO_SAMPLE_RATE
+            conversation.pending.audios += audio_pieces(heard.samples, f"What you said ({seconds:.0f} s)")
+            conversation.pending_paths.append(f"(spoken {heard.start:.2f}-{heard.end:.2f} s)")
+            conversation.ask("")
+            show("thinking")
+            stop.clear()
+            stop.before_words = lambda: show("")
+            listener.barged, listener.replying, conversation.last = None, True, None
+            try:
+                stopped = _chat_turn(conversation, run_turn)
+            finally:
+                listener.replying = False
+            show("")
+            say(describe_turn(heard, conversation.last, stopped, listener.barged))
+    show("")
+    say("👋 Bye")
+    return EXIT_OK
+
+
+def describe_turn(heard: Heard, outcome: Outcome | None, stopped: Interrupted | None, barged) -> str:
+    """A spoken turn's figures: when the voice was heard (stream seconds), how long the detector took to be sure
+    it had ended, from then to the reply's first sound (its first words, where it has no voice), and what
+    stopped it."""
+    stats = outcome.stats if outcome else None
+    if stats is not None and stats.started_at is not None:
+        after = stats.first_played_s if stats.first_played_s is not None else stats.ttft_s
+        first = None if after is None else stats.started_at + after
+    else:
+        first = stopped.first_sound if stopped else None
+    what = "first words" if stats is not None and stats.first_played_s is None else "first sound"
+    line = (f"🗣️ You spoke {heard.start:.2f}-{heard.end:.2f} s; the detector was sure {heard.told - heard.end:.2f} s "
+            f"later" + (f"; {what} {first - heard.told_at:.2f} s after that" if first is not None else ""))
+    if barged is not None:
+        line += f"; your voice at {barged[0]:.2f} s (detected at {barged[1]:.2f} s) stopped the reply"
+        if stopped is not None and stopped.silenced:
+            line += f", silent {max(0.0, stopped.silenced - barged[2]):.2f} s later"
+    return line
 
 
 # --- 15. self-test, offline ----------------------------------------------------------------
@@ -4515,14 +4814,7 @@ def run(args: argparse.Namespace) -> int:
         media = load_media(options)
         return server_chat(options, media) if options.interactive else serve_once(options, media)
 
-    # Everything the user typed is checked before anything heavy happens.
-    check_speech_outputs(options)
-    check_media_paths(options)
-    info = resolve_model(options.model_id)
-    check_modalities(options, info)
-    check_checkpoint(info, options)
-    media = load_media(options, info)
-    speech = choose_speech(options, info)
+    options, info, media, speech = check_inputs(options)
 
     # The plan: from config.json alone (no weights) and the hardware, real or described.
     quiet_libraries(options.debug)
@@ -4545,7 +4837,7 @@ def run(args: argparse.Namespace) -> int:
     if options.seed is not None:
         from transformers import set_seed
         set_seed(options.seed)
-    if options.interactive:
+    if options.interactive or options.voice:
         return chat(info, facts, plan, hw, options, media, speech)
     if options.answer_to_stderr:
         say(f"🔊 stdout carries the spoken reply (--output_audio {options.output_audio}): the answer's text comes here")
@@ -4562,6 +4854,22 @@ def run(args: argparse.Namespace) -> int:
             ("torch", "transformers", "accelerate"))
         write_stdout(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
+
+
+def check_inputs(options: Options) -> tuple:
+    """Everything the user typed, checked before anything heavy happens: (options, the model's info, the media
+    decoded, the spoken reply's settings). A voice conversation with a model that hears but cannot speak answers
+    in text, said once."""
+    check_speech_outputs(options)
+    check_media_paths(options)
+    info = resolve_model(options.model_id)
+    check_modalities(options, info)
+    check_checkpoint(info, options)
+    if options.voice and not (info.model_type in SPEAKING_MODEL_TYPES and info.speaks and _has_talker_weights(info)):
+        say(f"🔇 {info.model_id} hears but does not speak here: its replies come in text")
+        options = dataclasses.replace(options, play=False, system_prompt=options.system_prompt
+                                      if options.custom_system_prompt else None)
+    return options, info, load_media(options, info), choose_speech(options, info)
 
 
 def main(argv: list[str] | None = None) -> int:

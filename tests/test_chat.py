@@ -306,3 +306,40 @@ def test_a_spoken_chat_keeps_the_thinkers_cache_and_speaks_each_turn(tiny_models
         assert len(ours) > 0 and (ours == theirs).all()
     import re
     assert re.search(r"prompt \d+ tokens \([1-9]\d* reused, \d+ computed\)", kept.stderr) and "reused" not in fresh.stderr
+
+
+def test_what_the_processor_made_of_each_picture_and_recording_is_remembered_exactly(tiny_models):
+    """A chat's memo: the second time, each picture and recording comes from it (the processor's own image
+    processor and feature extractor are not called), and the inputs are the same tensors a fresh call makes."""
+    import torch
+    from transformers import AutoProcessor
+
+    from conftest import WAV16
+
+    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_5_omni"])
+    long, picture = rm.load_audio(str(WAV16)), rm.load_image(str(SAMPLE_IMAGE))
+    messages = rm.build_messages("", None, rm.Media(audios=[long], images=[picture]), "omni")
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": "A cat"}]},
+                 rm.build_messages("And this?", None, rm.Media(audios=[long[:20000].copy()]), "omni")[-1]]
+    media, memo = rm.media_of(messages, False), {}
+    fresh = rm.prepare_inputs(processor, messages, "cpu", media)
+    rm.prepare_inputs(processor, messages, "cpu", media, memo)
+    owners = {name: type(getattr(processor, name)) for name in ("image_processor", "feature_extractor")}
+    originals, counted = {name: owner.__call__ for name, owner in owners.items()}, dict.fromkeys(owners, 0)
+
+    def counting(name):   # a spy: the processor's own parts still run, counted
+        def call(self, *args, **kwargs):
+            counted[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return call
+    for name, owner in owners.items():
+        owner.__call__ = counting(name)
+    try:
+        kept = rm.prepare_inputs(processor, messages, "cpu", media, memo)
+        rm.prepare_inputs(processor, messages, "cpu", media)
+    finally:
+        for name, owner in owners.items():
+            owner.__call__ = originals[name]
+    assert counted == {"image_processor": 1, "feature_extractor": 1}   # the call without the memo alone
+    assert sorted(kept.keys()) == sorted(fresh.keys()) and len(fresh["input_features"]) == 2
+    assert all(torch.equal(kept[key], fresh[key]) for key in fresh.keys())

@@ -223,8 +223,8 @@ def test_reasons_use_the_guides_words():
     assert plan.reasons[0] == "🚀 Medium model with sufficient RAM - using MPS"
     plan = rm.choose_plan(mac(8, mps=False), facts(MEDIUM), rm.Options())
     assert plan.reasons[0] == "💻 MPS is not available - using CPU"
-    plan = rm.choose_plan(macos(mac(8)), facts(MEDIUM), rm.Options(output_audio=ROOT / "r.wav"))   # no Metal
-    assert plan.reasons[0] == "💻 Medium model needs 16 GB of RAM for MPS (this Mac has 8.0 GB) - using CPU"
+    assert rm.choose_device(macos(mac(8)), "medium", rm.Options()) == \
+        ("cpu", "💻 Medium model needs 16 GB of RAM for MPS (this Mac has 8.0 GB) - using CPU")   # before Metal
     no_kernels = dataclasses.replace(mac(24), ram_available=24 * GB, macos=(15, 1))
     plan = rm.choose_plan(no_kernels, facts(LARGE), rm.Options())
     assert plan.reasons[0] == "💻 Large model: the size policy keeps it off MPS in 16-bit below 32 GB of RAM (this Mac has " \
@@ -311,8 +311,9 @@ def test_the_plans_to_retry_with_are_fit_checked(real_facts):
 PLANS = [
     # spec, model, speech, device, dtype, quantization, fits
     ("mps:16", OMNI, False, "mps", "bfloat16", None, True),     # the thinker fits Metal's 10.7 GB
-    ("mps:16", OMNI, True, "cpu", "bfloat16", None, True),      # speaking: no Metal quantization; the M3's CPU
-    ("mps:16:m1", OMNI, True, "cpu", "bfloat16", None, True),   # float32 would not fit 16 GB: slow but runs
+    ("mps:16", OMNI, True, "mps", "bfloat16", "8bit", True),    # speaking: the thinker alone quantized by Metal
+    ("mps:16:m1", OMNI, True, "mps", "bfloat16", "8bit", True),
+    ("mps:8", OMNI, True, "mps", "bfloat16", "8bit", False),    # even a 4-bit thinker and 16/32-bit speech: no
     ("mps:32", OMNI, True, "mps", "bfloat16", None, True),
     ("mps:16:macos13.5", OMNI, False, "mps", "float16", None, True),
     ("mps:8", Q15, False, "mps", "bfloat16", None, True),
@@ -622,3 +623,22 @@ def test_a_dry_run_says_what_a_forced_run_would_do():
                                           "asked, and fall back to the CPU if memory runs out")
     refused = run_tool("--model_id", CONFIGS / VL, "--dry_run", "--hardware", "cpu:4", "--device", "cpu", "--prompt", "Hi")
     assert refused.returncode == 1 and "❌ A real run would stop here" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_a_spoken_conversation_on_a_16_gb_mac_runs_on_its_gpu_the_thinker_quantized_alone(real_facts):
+    """Qwen2.5-Omni-3B speaking (--voice: its cache counted up to the context window) on the simulated 16 GB Mac:
+    MPS, the thinker in 8-bit Metal, the talker in bfloat16 and token2wav in float32, within Metal's 10.7 GB;
+    Metal is told to leave the talker, token2wav and the output head alone. (Never run on a real Mac.)"""
+    result = run_tool("--model_id", CONFIGS / OMNI, "--dry_run", "--json", "--hardware", "mps:16", "--voice")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["device"], plan["dtype"], plan["quantization"], plan["fits"]) == ("mps", "bfloat16", "8bit", True)
+    facts = real_facts[OMNI]
+    assert plan["components"]["talker"]["bytes"] == facts.parameters["talker"] * 2
+    assert plan["components"]["token2wav"]["bytes"] == facts.parameters["token2wav"] * 4
+    assert plan["components"]["thinker"]["bytes"] < facts.parameters["thinker"] * 2 * 0.6
+    assert plan["context_tokens"] == facts.context_window and plan["estimated_bytes"] <= plan["budget_bytes"]
+    assert any("the thinker alone: the talker and token2wav keep 16 and 32 bits" in line for line in plan["reasons"])
+    speaking = rm.choose_plan(spec("mps:16"), facts, SPEECH)
+    assert rm.metal_skips(speaking) == ["lm_head", "talker", "token2wav"]
+    assert rm.metal_skips(rm.choose_plan(spec("mps:8"), real_facts["Qwen--Qwen2.5-3B-Instruct"], rm.Options())) is None
