@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -120,7 +121,8 @@ WAV_UNKNOWN_SIZE = 0x7FFFF000          # a WAV header's size this large was writ
 SPEECH_SAMPLE_RATE = 24_000
 TALKER_MAX_NEW_TOKENS = 4096             # speech codes the talker may generate by default
 TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
-SPEAKING_MODEL_TYPES = ("qwen2_5_omni",)   # Qwen3-Omni's talker works differently: not wired up yet
+QWEN3_CODES_PER_SECOND = 12.5            # Qwen3-Omni's talker: a frame of 16 codes per 1,920 samples at 24 kHz
+SPEAKING_MODEL_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
 # Speech in chunks: token2wav's DiT attends within blocks of 24 mel frames (2 per code), one block ahead
 # and two back across its layers; its vocoder makes SPEECH_HOP samples of each mel frame
 SPEECH_CONTEXT_BACK_BLOCKS, SPEECH_CONTEXT_AHEAD_BLOCKS = 2, 1
@@ -1156,7 +1158,10 @@ def _has_talker_weights(info: ModelInfo) -> bool:
 
 
 def read_speakers(info: ModelInfo, flag: str = "--output_audio") -> list[str]:
-    """The voices an Omni checkpoint ships (its spk_dict.pt), read before the model loads."""
+    """The voices an Omni checkpoint ships (its config's for Qwen3-Omni, its spk_dict.pt for Qwen2.5-Omni), read
+    before the model loads."""
+    if info.voices:
+        return list(info.voices)
     import torch
     path = Path(info.model_id).expanduser() / "spk_dict.pt"
     if not path.is_file():
@@ -1178,7 +1183,7 @@ def read_speakers(info: ModelInfo, flag: str = "--output_audio") -> list[str]:
 class Speech:
     """A spoken reply's settings: the voice and how long it may be."""
     speaker: str
-    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes, 50 a second
+    max_codes: int = TALKER_MAX_NEW_TOKENS   # the talker's speech codes (frames): 50 a second, Qwen3-Omni's 12.5
     min_codes: int = 0                       # benchmarks force a length; a user never needs to
     play: bool = False                       # --play: through the default output device, as it is made
 
@@ -1193,7 +1198,9 @@ def choose_speaker(options: Options, info: ModelInfo) -> Speech:
     if options.custom_system_prompt:
         say("⚠️ Qwen2.5-Omni speaks reliably only with its own system prompt; with --system_prompt the reply may "
             "come without speech")
-    return Speech(speaker, max_codes=options.speech_codes, play=options.play)
+    codes = options.speech_codes if info.model_type != "qwen3_omni_moe" else \
+        math.ceil(options.speech_codes * QWEN3_CODES_PER_SECOND / TALKER_CODES_PER_SECOND)   # the same seconds
+    return Speech(speaker, max_codes=codes, play=options.play)
 
 
 def choose_speech(options: Options, info: ModelInfo) -> Speech | None:
@@ -1207,8 +1214,9 @@ def choose_speech(options: Options, info: ModelInfo) -> Speech | None:
                          f"text answers are); drop {flag} or use {DEFAULT_MODEL_ID}")
     if not (info.speaks and _has_talker_weights(info)):
         why = "enable_audio_output is false in its config" if not info.speaks else "no talker weights in its files"
+        complete = "Qwen/Qwen3-Omni-30B-A3B-Instruct" if info.model_type == "qwen3_omni_moe" else DEFAULT_MODEL_ID
         raise UsageError(f"{flag}: {options.model_id} was saved without its talker ({why}), so it cannot speak; drop "
-                         f"{flag}, or use a complete checkpoint such as {DEFAULT_MODEL_ID}")
+                         f"{flag}, or use a complete checkpoint such as {complete}")
     return None if options.dry_run else choose_speaker(options, info)
 
 
@@ -1265,6 +1273,7 @@ class ModelInfo:
     speaks: bool = False      # an Omni checkpoint with its talker (enable_audio_output)
     context_window: int | None = None   # the language model's max_position_embeddings
     vision: VisionFacts | None = None
+    voices: tuple[str, ...] = ()        # Qwen3-Omni's, named in its config (Qwen2.5-Omni's are in spk_dict.pt)
 
 
 def model_info_from_config(model_id: str, config: dict, path: str = "", revision: str = "",
@@ -1288,7 +1297,8 @@ def model_info_from_config(model_id: str, config: dict, path: str = "", revision
     return ModelInfo(model_id, model_type, kind, frozenset(inputs), path, revision, local_only,
                      prequantized_of(config), kind == "omni" and config.get("enable_audio_output", True) is not False,
                      int(window) if window else None, VisionFacts(int(vision.get("patch_size", 14)), int(vision.get(
-                         "spatial_merge_size", 2)), int(vision.get("hidden_size", 1280))) if vision else None)
+                         "spatial_merge_size", 2)), int(vision.get("hidden_size", 1280))) if vision else None,
+                     tuple(name.capitalize() for name in (config.get("talker_config") or {}).get("speaker_id") or {}))
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -2220,6 +2230,12 @@ def choose_plan(hw: Hardware, facts: ModelFacts, options: Options, workload: Wor
             if options.forced or (where.fits and not missing):
                 return _plan(candidate, tier, reasons, estimate, where, components, proceeds=where.fits or
                              candidate.device != "cpu")
+        if candidate.quantizer == "metal" and not where.fits and not any(n.startswith("🍎 Metal") for n in notes):
+            kept = sum(facts.parameters[name] - facts.quantizable[name] for name in components)
+            if kept > sum(facts.parameters[name] for name in components) / 2:   # a mixture of experts
+                notes.append(f"🍎 Metal quantization converts Linear layers only: {format_count(kept)} of its "
+                             f"parameters (a mixture of experts' weights, the embeddings) stay in 16-bit, so 8- "
+                             f"and 4-bit do not make it fit")
         if where.fits and missing:
             notes.append(f"💡 {candidate.quantization.replace('bit', '-bit')} quantization would fit on "
                          f"{_device_name(candidate.device)} "
@@ -3798,11 +3814,14 @@ def finite_guard():
     return LogitsProcessorList([FiniteGuard()])
 
 
-def speech_kwargs(inputs, sampling: Sampling, speech: Speech) -> dict:
-    """Arguments for Qwen2.5-Omni's full generate(): sampling settings go to the thinker only, and so
-    do the pictures: un-prefixed pixel values would reach the talker too, which rejects them
-    (transformers 5.17-5.24). Grid sizes stay shared: the talker needs them for positions."""
+def speech_kwargs(model, inputs, sampling: Sampling, speech: Speech) -> dict:
+    """Arguments for an Omni model's full generate(): sampling settings go to the thinker only, and so
+    do the pictures: un-prefixed pixel values would reach Qwen2.5-Omni's talker too, which rejects them
+    (transformers 5.17-5.24). Grid sizes stay shared: the talker needs them for positions. Qwen3-Omni's
+    generate() stops the text at Qwen's own end-of-turn id unless told the checkpoint's."""
     kwargs = dict(inputs)
+    if "thinker_eos_token_id" in inspect.signature(type(model).generate).parameters:
+        kwargs["thinker_eos_token_id"] = model.config.im_end_token_id
     for key in ("pixel_values", "pixel_values_videos"):
         if key in kwargs:
             kwargs[f"thinker_{key}"] = kwargs.pop(key)
@@ -3876,7 +3895,10 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_a
         elif runtime.fast:
             fast_generate(runtime, model, inputs, sampling, streamer, extra, chat)
         elif runtime.speaks:   # the whole reply at once, at the end
-            _, wav = model.generate(**speech_kwargs(inputs, sampling, speech), **extra, thinker_streamer=streamer)
+            with warnings.catch_warnings():   # Qwen3-Omni's talker: its repetition penalty over the codes alone
+                warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+                _, wav = model.generate(**speech_kwargs(model, inputs, sampling, speech), **extra,
+                                        thinker_streamer=streamer)
             audio.add(wav.reshape(-1).float().cpu().numpy())
         else:
             generate_text(model, inputs, sampling, streamer, extra, chat)
@@ -4558,8 +4580,6 @@ class Listener:
     the reply at the next block the speakers ask for and stops its words at the next token."""
 
     def __init__(self, end_silence_ms: int, barge_in: bool, stop):
-        import warnings
-
         import numpy as np
         import sounddevice
         from silero_vad import VADIterator, load_silero_vad

@@ -210,9 +210,9 @@ CASES += [
      ["--output_audio: {qwen2} is a text-only model and cannot speak; drop --output_audio or " + OMNI_HINT], True),
     ("output-from-a-vl-model", ["--model_id", "{vl}", "--output_audio", "reply.wav"], 2,
      ["--output_audio: {vl} is a vision-language model and cannot speak"], True),
-    ("output-from-qwen3-omni", ["--model_id", "{qwen3_omni}", "--output_audio", "reply.wav"], 2,
-     ["--output_audio: speaking with qwen3_omni_moe models is not supported yet (their text answers are); drop "
-      "--output_audio or use Qwen/Qwen2.5-Omni-3B"], True),
+    ("output-from-qwen3-omni-thinker-only", ["--model_id", "{qwen3_omni}", "--output_audio", "reply.wav"], 2,
+     ["--output_audio: {qwen3_omni} was saved without its talker (enable_audio_output is false in its config), so it "
+      "cannot speak; drop --output_audio, or use a complete checkpoint such as Qwen/Qwen3-Omni-30B-A3B-Instruct"], True),
     ("speak-without-talker-in-config", ["--model_id", "{dir}/omni_no_talker_config", "--output_audio", "reply.wav"], 2,
      ["--output_audio: {dir}/omni_no_talker_config was saved without its talker (enable_audio_output is false in its "
       "config), so it cannot speak; drop --output_audio, or use a complete checkpoint such as Qwen/Qwen2.5-Omni-3B"],

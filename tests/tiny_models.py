@@ -255,29 +255,68 @@ TINY_QWEN3_OMNI_THINKER = dict(
                        deepstack_visual_indexes=[1], num_position_embeddings=64))
 
 
-def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
-    """A tiny Qwen3-Omni (qwen3_omni_moe) checkpoint: the MoE thinker with vision and audio. There is
-    no published config here, and the tool does not speak with Qwen3-Omni yet, so it has no talker."""
+TINY_QWEN3_OMNI_TALKER = dict(   # Qwen3-Omni-30B-A3B's talker and code2wav, their sizes cut down
+    text_config=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                     shared_expert_intermediate_size=64,
+                     rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "interleaved": True}),
+    code_predictor_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, num_code_groups=16, vocab_size=2048,
+                               layer_types=["full_attention"]),
+    thinker_hidden_size=64, accept_hidden_layer=1)
+TINY_QWEN3_OMNI_CODE2WAV = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=4, decoder_dim=64, codebook_dim=32,
+                                vector_quantization_hidden_dimension=32)
+
+
+def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu", talker: bool = False) -> Path:
+    """A Qwen3-Omni (qwen3_omni_moe) checkpoint: the MoE thinker with vision and audio; with `talker`, the
+    talker (its code predictor inside) and code2wav of Qwen3-Omni-30B-A3B-Instruct's config too, and its
+    voices. Tiny unless `full_size` (the real config whole)."""
     from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor,
                               WhisperFeatureExtractor)
 
-    if full_size:
-        raise SystemExit("qwen3_omni has no full-size build: no published config is in tests/configs")
     tok = train_tokenizer(QWEN_OMNI_SPECIALS, QWEN_OMNI_TEMPLATE)
     tok._set_model_specific_special_tokens(OMNI_NAMED_TOKENS)
-    thinker = _merge(TINY_QWEN3_OMNI_THINKER, _token_ids(tok, dict(
+    tok.add_tokens(["assistant", "user", "system"])   # one token each, as in Qwen's vocabulary: the talker finds
+    media = _token_ids(tok, dict(                      # the assistant's turn by <|im_start|>assistant
         audio_token_id="<|AUDIO|>", image_token_id="<|IMAGE|>", video_token_id="<|VIDEO|>",
-        vision_start_token_id="<|vision_bos|>", audio_start_token_id="<|audio_bos|>")))
-    thinker["user_token_id"] = tok.convert_tokens_to_ids("user")
-    thinker["text_config"].update(vocab_size=len(tok), **_token_ids(tok, dict(
+        vision_start_token_id="<|vision_bos|>", audio_start_token_id="<|audio_bos|>"))
+    roles = {f"{role}_token_id": tok.convert_tokens_to_ids(role) for role in ("assistant", "user", "system")}
+    top = dict(roles, **_token_ids(tok, dict(im_start_token_id="<|im_start|>", im_end_token_id="<|im_end|>",
+                                             tts_pad_token_id="<|box_end|>", tts_bos_token_id="<|quad_start|>",
+                                             tts_eos_token_id="<|quad_end|>")))
+    thinker = dict(media, user_token_id=roles["user_token_id"])
+    thinker["text_config"] = dict(vocab_size=len(tok), **_token_ids(tok, dict(
         bos_token_id="<|im_start|>", eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>")))
-    config = Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=False)
-    _random_model(Qwen3OmniMoeForConditionalGeneration, config, full_size, device).save_pretrained(out)
+    real = _real_config("Qwen--Qwen3-Omni-30B-A3B-Instruct")
+    if full_size:
+        thinker = _merge(real["thinker_config"], thinker)
+        parts = dict(talker_config=_merge(real["talker_config"], dict(media, audio_end_token_id=tok.convert_tokens_to_ids(
+            "<|audio_eos|>"))), code2wav_config=real["code2wav_config"]) if talker else {}
+    else:
+        thinker = _merge(TINY_QWEN3_OMNI_THINKER, thinker)
+        parts = dict(talker_config=_merge(real["talker_config"], _merge(TINY_QWEN3_OMNI_TALKER, dict(
+            media, audio_end_token_id=tok.convert_tokens_to_ids("<|audio_eos|>")))),
+            code2wav_config=_merge(real["code2wav_config"], TINY_QWEN3_OMNI_CODE2WAV)) if talker else {}
+    config = Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=talker, **parts, **(top if talker else {}))
+    model = _random_model(Qwen3OmniMoeForConditionalGeneration, config, full_size, device)
+    if talker:   # transformers (5.17-5.25) leaves the talker's experts uninitialised: whatever the memory held
+        import torch
+        with torch.no_grad():
+            for name, weight in model.talker.named_parameters():
+                if ".experts." in name:
+                    weight.normal_(0.0, config.talker_config.text_config.initializer_range)
+    model.save_pretrained(out)
     patch = config.thinker_config.vision_config.patch_size   # 16 in Qwen3-Omni
     Qwen3OmniMoeProcessor(image_processor=_image_processor(patch), video_processor=_video_processor(patch),
                           feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
                           chat_template=QWEN_OMNI_TEMPLATE).save_pretrained(out)
     return out
+
+
+def build_qwen3_omni_speaking(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
+    return build_qwen3_omni(out, full_size, device, talker=True)
 
 
 def build_overflowing_qwen2(out: Path, source: Path, scale: float = 40.0, poison: bool = False) -> Path:
@@ -301,7 +340,7 @@ def build_overflowing_qwen2(out: Path, source: Path, scale: float = 40.0, poison
 
 
 BUILDERS = {"qwen2": build_qwen2, "qwen2_5_vl": build_qwen2_5_vl, "qwen2_5_omni": build_qwen2_5_omni,
-            "qwen3_omni": build_qwen3_omni}
+            "qwen3_omni": build_qwen3_omni, "qwen3_omni_speaking": build_qwen3_omni_speaking}
 
 
 if __name__ == "__main__":
