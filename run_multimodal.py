@@ -122,6 +122,9 @@ SPEECH_SAMPLE_RATE = 24_000
 TALKER_MAX_NEW_TOKENS = 4096             # speech codes the talker may generate by default
 TALKER_CODES_PER_SECOND = 50             # its codes per second of speech (4096 codes = 81.9 s)
 QWEN3_CODES_PER_SECOND = 12.5            # Qwen3-Omni's talker: a frame of 16 codes per 1,920 samples at 24 kHz
+QWEN3_CHUNK_FRAMES = (2, 4, 8, 16)       # its chunks of sound: a short first one (0.16 s) comes soon, then longer
+CODE2WAV_CONTEXT_FRAMES = 12             # frames its convolutions rerun before a chunk (they reach 9.1 back)
+CODE2WAV_AHEAD_FRAMES = 1                # frames after a chunk they read (its transposed convolutions look ahead)
 SPEAKING_MODEL_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
 # Speech in chunks: token2wav's DiT attends within blocks of 24 mel frames (2 per code), one block ahead
 # and two back across its layers; its vocoder makes SPEECH_HOP samples of each mel frame
@@ -158,7 +161,9 @@ ENGINE_GPU_GB = 80                 # the GPU an engine command is sized for, unl
 ENGINE_MEMORY_SHARE = 0.9          # vLLM's default gpu_memory_utilization
 
 # Decoding
-FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text", "qwen2_5_omni_talker")   # Qwen2's layer
+FAST_DECODER_TYPES = ("qwen2", "qwen2_5_vl_text", "qwen2_5_omni_text", "qwen2_5_omni_talker",   # Qwen2's layer
+                      "qwen3_omni_moe_text", "qwen3_omni_moe_talker_text",   # Qwen3's: q/k norms, experts
+                      "qwen3_omni_moe_talker_code_predictor")
 COMPILING_DEVICES = ("cuda",)   # --compile gained nothing on a CPU; on MPS torch.compile is experimental
 STREAM_LAG_TOKENS = 8           # how far an accelerator may run ahead of the text on screen
 SHOW_STREAM, SHOW_ONCE, SHOW_NONE = "stream", "once", "none"   # the answer on stdout: as it comes, at the end, never
@@ -2546,6 +2551,11 @@ def load_model(info: ModelInfo, plan: Plan, hw: Hardware, trust_remote_code: boo
     if plan.quantizer == "metal":
         _metal_kernels_ready(plan)
     model.eval()
+    talker = getattr(model, "talker", None)
+    if talker is not None and hasattr(model, "code2wav") and not hasattr(talker.config, "audio_config"):
+        # Qwen3-Omni's talker places a recording's tokens by the audio encoder's window, read from its own
+        # config, which lacks it (transformers 5.17-5.25): its generate() fails on any prompt with sound
+        talker.config.audio_config = model.config.thinker_config.audio_config
     offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if plan.device != "cpu" and offloaded:
         say(f"⚠️ The model did not fit on {plan.device}: part of it was offloaded to {' and '.join(offloaded)} "
@@ -2606,7 +2616,8 @@ class Runtime:
     decoder again."""
     device: str                # "cuda", "mps" or "cpu"
     decoder: str               # "generate" (transformers), "step" (the FastDecoder, a step at a time),
-    #                            "graph" (each step one CUDA graph), "compiled" (the graph of compiled layers)
+    #                            "graph" (each step one CUDA graph), "compiled" (the graph of compiled layers),
+    #                            "stages" (Qwen3-Omni's spoken reply: each part's own forward, a step at a time)
     reason: str                # the line that says which, and why
     speaks: bool = False       # the talker and token2wav make a spoken reply: asked for, and the model has them
     lag: int = 0               # tokens the device may run ahead of the text read back
@@ -2614,7 +2625,8 @@ class Runtime:
 
     @property
     def fast(self) -> bool:
-        return self.decoder != "generate"
+        """The FastDecoder decodes."""
+        return self.decoder in ("step", "graph", "compiled")
 
     @property
     def graphs(self) -> bool:
@@ -2627,7 +2639,9 @@ class Runtime:
 
     def steps(self, model, prompt_cache, prompt_length: int, budget: int, **step_args) -> FastDecoder:
         """The FastDecoder for a sequence here: over all slots and recorded as a CUDA graph where graphs run, its
-        layers compiled with --compile."""
+        layers compiled with --compile; the model's own forward on the stages runtime."""
+        if self.decoder == "stages":
+            return ForwardSteps(model, prompt_cache)
         steps = FastDecoder(model, prompt_cache, prompt_length, budget, self.graphs, self.decoder == "compiled",
                             **step_args)
         if self.graphs:
@@ -2661,6 +2675,11 @@ def choose_runtime(model, device: str, options: Options) -> Runtime:
         return Runtime(device, "generate", f"{slow} (--no_fast_decode)", speaks)
     why_not = fast_decoding_unsupported(thinker) or (speaks and fast_decoding_unsupported(model.talker,
                                                                                            model.talker.model))
+    if why_not and speaks and hasattr(model, "code2wav") and settings is not None:   # Qwen3-Omni
+        return Runtime(device, "stages", f"⚡ The spoken reply streamed through each part's own forward pass, a step at "
+                       f"a time (the fast decoder does not handle {why_not}): the talker a frame behind each text "
+                       "token, code2wav in chunks as the frames come (--no_fast_decode: transformers' generate(), the "
+                       "sound at the end)", speaks, 0, device == "mps")
     if why_not:
         return Runtime(device, "generate", f"{slow}: the fast decoder does not handle {why_not}", speaks)
     if settings is None:
@@ -2715,7 +2734,8 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Sp
     say(describe_sampling(model.generation_config, options.sampling))
     runtime = choose_runtime(model, plan.device, options)
     say(runtime.reason)
-    token2wav = token2wav_for(model, speech, runtime) if runtime.speaks and runtime.fast else None
+    token2wav = token2wav_for(model, speech, runtime) if runtime.speaks and runtime.fast and \
+        hasattr(model, "token2wav") else None
     return Loaded(model, processor, plan, load_s, device_map, runtime, speech if runtime.speaks else None, token2wav)
 
 
@@ -2738,7 +2758,11 @@ def fast_decoding_unsupported(model, decoder=None) -> str | None:
         return "sliding-window attention"
     if getattr(decoder.rotary_emb, "rope_type", "default") != "default":
         return f"{decoder.rotary_emb.rope_type} rotary scaling"
-    if any(type(m) is not torch.nn.Linear for m in (layer.self_attn.q_proj, layer.mlp.up_proj)):
+    experts = getattr(getattr(layer.mlp, "experts", None), "gate_up_proj", None)
+    if any(type(m) is not torch.nn.Linear for m in (layer.self_attn.q_proj, getattr(layer.mlp, "up_proj", None)
+                                                    or layer.self_attn.o_proj)) or \
+            (hasattr(layer.mlp, "experts") and not (isinstance(experts, torch.nn.Parameter)
+                                                    and experts.dtype.is_floating_point)):
         return "quantized weights"
     if hasattr(model, "hf_device_map") and len(set(model.hf_device_map.values())) > 1:
         return "weights spread over several devices"
@@ -2769,13 +2793,14 @@ class FastDecoder:
         self.states, self.prompt_length = states, prompt_length
         self.shape = (config.num_attention_heads, config.num_key_value_heads, self.layers[0].self_attn.head_dim)
         self.eps, self.scaling = config.rms_norm_eps, self.layers[0].self_attn.scaling
-        weight = decoder.embed_tokens.weight
+        weight = decoder.norm.weight
         device, dtype = weight.device, weight.dtype
+        self.hidden = torch.zeros((1, weight.shape[0]), dtype=dtype, device=device)   # the last step's, normed
         self.slots = prompt_length + max_new_tokens
         shape = (len(self.layers), 1, self.shape[1], self.slots, self.shape[2])
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers))):
+        for i, (keys, values) in enumerate(_cache_layers(prompt_cache, len(self.layers)) if prompt_length else ()):
             self.keys[i, :, :, :prompt_length] = keys
             self.values[i, :, :, :prompt_length] = values
         delta = _rope_delta(model) if rope_delta is None else rope_delta
@@ -2803,6 +2828,7 @@ class FastDecoder:
             x = self.layer_out(x, q, self.keys[i][:, :, :length], self.values[i][:, :, :length], empty, weights,
                                self.eps, self.scaling, self.shape)
         x = _norm(x, self.decoder.norm.weight, self.eps)
+        self.hidden.copy_(x)
         if self.states is not None:
             self.states.index_copy_(0, position - self.prompt_length, x + embedded)
         return self.head(x).float()
@@ -2869,15 +2895,18 @@ def _norm(x, weight, eps: float):
 
 
 def _layer_in(x, weights, cos, sin, eps: float, shape: tuple):
-    """A decoder layer up to its attention: norm, q/k/v in one product, rotary on q and k together (the
-    halves swapped by a roll, the sign in the sin table). q as [1, kv_heads, queries per kv head, head_dim],
-    grouped onto the key/value head they share; k and v as [1, kv_heads, 1, head_dim]."""
+    """A decoder layer up to its attention: norm, q/k/v in one product, Qwen3's norms of q and k per head,
+    rotary on q and k together (the halves swapped by a roll, the sign in the sin table). q as [1, kv_heads,
+    queries per kv head, head_dim], grouped onto the key/value head they share; k and v as [1, kv_heads, 1,
+    head_dim]."""
     import torch
-    norm, qkv, qkv_bias = weights[:3]
+    norm, qkv, qkv_bias, q_norm, k_norm = weights[:5]
     heads, kv_heads, head_dim = shape
     h = _norm(x, norm, eps)
     qkv = (torch.addmm(qkv_bias, h, qkv.t()) if qkv_bias is not None else torch.mm(h, qkv.t())).view(1, -1, head_dim)
     qk = qkv[:, :heads + kv_heads]
+    if q_norm is not None:
+        qk = torch.cat((_norm(qk[:, :heads], q_norm, eps), _norm(qk[:, heads:], k_norm, eps)), dim=1)
     qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
     return (qk[:, :heads].view(1, kv_heads, heads // kv_heads, head_dim), qk[:, heads:].view(1, kv_heads, 1, head_dim),
             qkv[:, heads + kv_heads:].view(1, kv_heads, 1, head_dim))
@@ -2885,13 +2914,14 @@ def _layer_in(x, weights, cos, sin, eps: float, shape: tuple):
 
 def _layer_out(x, q, keys, values, empty, weights, eps: float, scaling: float, shape: tuple):
     """The rest of a decoder layer: attention, the output projection added to the residual by its own
-    product, the MLP with gate and up in one product. Over the filled slots (`empty` None) attention is
+    product, the MLP with gate and up in one product (or a mixture of experts, and its shared expert). Over the
+    filled slots (`empty` None) attention is
     one fused call, the grouped queries as its rows; over all slots (the CUDA graph) it is two small
     products and a softmax with `empty` masked, which for one query token beat PyTorch's fused kernels
     (bench/profile_decode_step.py)."""
     import torch
     from torch.nn import functional as F
-    o, norm, gate_up, down = weights[3:]
+    o, norm, gate_up, down, experts = weights[5:]
     heads, kv_heads, head_dim = shape
     if empty is None:
         out = F.scaled_dot_product_attention(q, keys, values, scale=scaling)
@@ -2899,21 +2929,55 @@ def _layer_out(x, q, keys, values, empty, weights, eps: float, scaling: float, s
         scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
         out = torch.matmul(scores.float().masked_fill(empty, float("-inf")).softmax(dim=-1).to(values.dtype), values)
     x = torch.addmm(x, out.view(1, heads * head_dim), o.t())
-    gate, up = torch.mm(_norm(x, norm, eps), gate_up.t()).chunk(2, dim=-1)
-    return torch.addmm(x, F.silu(gate) * up, down.t())
+    h = _norm(x, norm, eps)
+    if experts is None:
+        gate, up = torch.mm(h, gate_up.t()).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, down.t())
+    router, gate_ups, downs, top_k, normalize, shared_gate = experts
+    x = x + _experts(h, router, gate_ups, downs, top_k, normalize)
+    if gate_up is not None:   # a shared expert beside them, gated
+        gate, up = torch.mm(h, gate_up.t()).chunk(2, dim=-1)
+        x = x + torch.sigmoid(torch.mm(h, shared_gate.t())) * torch.mm(F.silu(gate) * up, down.t())
+    return x
+
+
+def _experts(h, router, gate_ups, downs, top_k: int, normalize: bool):
+    """A mixture of experts for one token, as transformers' router chooses them (softmax in float32, the top k,
+    their weights renormalised): the chosen experts' weights gathered and applied in two batched products,
+    shapes fixed whatever is chosen (a CUDA graph's), nothing read back."""
+    import torch
+    from torch.nn import functional as F
+    probabilities = F.softmax(torch.mm(h, router.t()), dtype=torch.float, dim=-1)
+    weights, chosen = torch.topk(probabilities, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    chosen = chosen.view(-1)
+    gate, up = torch.bmm(gate_ups.index_select(0, chosen), h.view(1, -1, 1).expand(top_k, -1, -1)).chunk(2, dim=1)
+    out = torch.bmm(downs.index_select(0, chosen), F.silu(gate) * up)   # [top_k, hidden, 1]
+    return torch.mm(weights.to(h.dtype), out.view(top_k, -1))
 
 
 def _fused_weights(layer) -> tuple:
     """A layer's weights for the fast step, q/k/v and gate/up each fused into one matrix: fewer,
     larger products. The layer's own Linear modules keep working (their weights become views into
-    the fused ones, so no memory is added), and a model is fused once."""
+    the fused ones, so no memory is added), and a model is fused once. Qwen3's layers add q and k norms; a
+    mixture of experts gives its router, its experts' stacked weights and its shared expert."""
     fused = getattr(layer, "_fast_decoder_weights", None)
     if fused is None:
         attention, mlp = layer.self_attn, layer.mlp
         qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-        gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-        fused = (layer.input_layernorm.weight, qkv, qkv_bias, attention.o_proj.weight,
-                 layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight)
+        norms = tuple(getattr(getattr(attention, name, None), "weight", None) for name in ("q_norm", "k_norm"))
+        dense = getattr(mlp, "shared_expert", mlp) if hasattr(mlp, "experts") else mlp
+        gate_up = down = experts = None
+        if hasattr(dense, "gate_proj"):
+            gate_up, _ = _fuse([dense.gate_proj, dense.up_proj])
+            down = dense.down_proj.weight
+        if hasattr(mlp, "experts"):
+            shared_gate = getattr(mlp, "shared_expert_gate", None)
+            experts = (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.top_k,
+                       bool(mlp.gate.norm_topk_prob), None if shared_gate is None else shared_gate.weight)
+        fused = (layer.input_layernorm.weight, qkv, qkv_bias, *norms, attention.o_proj.weight,
+                 layer.post_attention_layernorm.weight, gate_up, down, experts)
         layer._fast_decoder_weights = fused
     return fused
 
@@ -3746,6 +3810,340 @@ def fast_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dic
     return reply.finish()
 
 
+# Qwen3-Omni speaks differently: its talker (a mixture of experts) reads the thinker's token embeddings, one text
+# token per frame it makes; each frame is a first code from the talker and 15 more from a small code predictor;
+# code2wav (a sliding-window transformer, then causal convolutions) turns frames into sound, 1,920 samples each.
+
+class ForwardSteps:
+    """A model's own forward, one input at a time over its transformers cache: the step transformers' generate()
+    takes between draws, for the models the FastDecoder does not write out (Qwen3-Omni's mixtures of experts).
+    `embed(token)`, if given, makes the step's input embedding [1, hidden] (the talker's: given its token and an
+    attention mask of ones too, as generate() gives them, which transformers 5.17's talker reads); `hidden` is
+    the last step's final hidden state [1, hidden] when `hidden_states` is asked for (the FastDecoder's too)."""
+
+    def __init__(self, model, cache, embed=None, hidden_states: bool = False, **forward_args):
+        self.model, self.cache, self.embed, self.args = model, cache, embed, forward_args
+        self.keyword, self.hidden_states, self.hidden = cache_keyword(model), hidden_states, None
+
+    def logits_at(self, token, slot: int):
+        """The next token's logits (float32, [1, vocabulary]) after `token` (a [1] tensor)."""
+        import torch
+        step = {"input_ids": token.view(1, 1)}
+        if self.embed:
+            step.update(inputs_embeds=self.embed(token).view(1, 1, -1),
+                        attention_mask=torch.ones((1, self.cache.get_seq_length() + 1), dtype=torch.long,
+                                                  device=token.device))
+        out = self.model(**step, **self.args, **{self.keyword: self.cache}, use_cache=True,
+                         output_hidden_states=self.hidden_states)
+        self.follow(out)
+        return out.logits[:, -1].float()
+
+    def follow(self, out) -> None:
+        """Keep what a forward (the prompt's too) leaves for the next step."""
+        self.cache = cache_of(out)
+        if self.hidden_states:
+            self.hidden = out.hidden_states[0][-1][:, -1]   # the talker's: (its layers' states, codes); the last
+
+
+class TalkerFrames:
+    """Qwen3-Omni's talker beside the thinker, as transformers' generate() runs it, one frame a step: its prompt
+    from the conversation's user turns (text as the thinker's embeddings, media as the thinker's hidden states at
+    `accept_hidden_layer`), the assistant's first text token and the voice; then each step reads the next text
+    token's embedding (then the text's end, then padding) plus the frame before, summed over its 16 codes. The
+    first code of a frame is drawn with generate()'s talker settings, the 15 others by the code predictor with
+    its own (top-k 50, top-p 0.8), where the runtime draws. The talker and the code predictor step on the
+    runtime's decoder (CUDA graphs where it runs them: the code predictor's 16 positions a frame one recorded
+    step, its head chosen on the device), or through their own forward passes. feed(token) after each text
+    token, finish() after the text's end; `frames` [1, 16, n] holds the frames made, `ended` once the talker
+    ended the speech."""
+
+    def __init__(self, loaded: Loaded, inputs, prompt_out, extra: dict, stop=None):
+        import torch
+        model, runtime, speech = loaded.model, loaded.runtime, loaded.speech
+        self.stop, self.pad_id = stop, model.config.tts_pad_token_id
+        self.talker, self.predictor, config = model.talker, model.talker.code_predictor, model.config
+        self.runtime, self.inputs, self.extra = runtime, inputs, extra
+        ids, device = inputs["input_ids"], inputs["input_ids"].device
+        self.embed_text = model.thinker.get_input_embeddings()
+        project = self.talker.text_projection
+        special = project(self.embed_text(torch.tensor([[config.tts_bos_token_id, config.tts_eos_token_id,
+                                                         config.tts_pad_token_id]], device=device)))
+        self.bos_row, self.eos_row, self.pad_row = special[:, 0:1], special[:, 1:2], special[:, 2:3]
+        self.user = self._user_rows(model, ids, prompt_out)
+        starts = ((ids[0, :-1] == config.im_start_token_id) & (ids[0, 1:] == config.assistant_token_id)).nonzero()
+        self.text = ids[0, int(starts[-1]):].tolist()   # the assistant's turn, as the talker reads it: token ids
+        self.text_end = None                            # where that text ends, once the thinker has ended
+        self.speaker = config.talker_config.speaker_id[speech.speaker.lower()]
+        talker_config = config.talker_config
+        vocabulary = talker_config.text_config.vocab_size
+        defaults = {name.removeprefix("talker_"): parameter.default for name, parameter
+                    in inspect.signature(type(model).generate).parameters.items() if name.startswith("talker_")}
+        self.settings = {**defaults, "max_new_tokens": speech.max_codes, "min_new_tokens": speech.min_codes,
+                         "eos_token_id": talker_config.codec_eos_token_id,
+                         "suppress_tokens": [i for i in range(vocabulary - 1024, vocabulary)
+                                             if i != talker_config.codec_eos_token_id]}
+        self.groups, self.predictor_cache = talker_config.num_code_groups, cache_keyword(self.predictor)
+        empty = torch.zeros((1, 0), dtype=torch.long, device=device)
+        with warnings.catch_warnings():   # a repetition penalty over the codes alone, as generate() applies it
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
+            self.sampler = runtime.sampler(_decoding_settings(self.talker, self.settings, empty))
+        predictor = {"do_sample": self.sampler.config.do_sample, "max_new_tokens": self.groups - 1}
+        if predictor["do_sample"]:
+            predictor.update(top_k=50, top_p=0.8)
+        self.predictor_sampler = runtime.sampler(_decoding_settings(self.predictor, predictor, empty))
+        self.budget = speech.max_codes
+        self.ids = torch.ones((2, self.budget + 1), dtype=torch.long, device=device)   # first codes, finite
+        self.residual = torch.ones((2, self.groups - 1), dtype=torch.long, device=device)
+        self.frames = torch.zeros((1, self.groups, self.budget), dtype=torch.long, device=device)
+        self.made = self.framed = 0   # first codes drawn; frames complete (their 15 codes drawn)
+        self.ended, self.steps, self.predictor_steps = False, None, None
+        self.talker_s = self.predictor_s = 0.0
+        hidden = talker_config.text_config.hidden_size
+        self.next_input = torch.zeros((1, hidden), dtype=self.talker.dtype, device=device)   # the talker's next
+        self.predictor_input = torch.zeros((1, hidden), dtype=self.talker.dtype, device=device)
+        self.group = torch.zeros((1,), dtype=torch.long, device=device)   # the code predictor's head, by position
+
+    def _user_rows(self, model, ids, prompt_out):
+        """The talker's rows for the prompt's user turns: the thinker's embeddings of their text, projected, and
+        its hidden states of their pictures, videos and recordings, projected."""
+        import torch
+        config = model.config
+        thinker_config = config.thinker_config
+        media = torch.isin(ids[0], torch.tensor([thinker_config.audio_token_id, thinker_config.image_token_id,
+                                                 thinker_config.video_token_id], device=ids.device))
+        starts = (ids[0] == config.im_start_token_id).nonzero().view(-1).tolist()
+        user = torch.zeros_like(media)
+        for first, end in zip(starts, starts[1:] + [ids.shape[-1]]):
+            if first + 1 < ids.shape[-1] and int(ids[0, first + 1]) == config.user_token_id:
+                user[first:end] = True
+        rows = torch.empty((1, ids.shape[-1], self.talker.config.text_config.hidden_size), dtype=self.talker.dtype,
+                           device=ids.device)   # the whole prompt's, as generate() projects them, then the user's
+        rows[0, ~media] = self.talker.text_projection(self.embed_text(ids[:, ~media]))[0].to(rows.dtype)
+        if bool(media.any()):
+            hidden = prompt_out.hidden_states[config.talker_config.accept_hidden_layer][0]
+            rows[0, media] = self.talker.hidden_projection(hidden[media]).to(rows.dtype)
+        rows = rows[:, user]
+        return rows, ids[:, user]
+
+    def _row(self, index: int):
+        """The projected embedding of the assistant turn's token `index`, the text's end after it, then padding."""
+        import torch
+        if index < (len(self.text) if self.text_end is None else self.text_end):
+            return self.talker.text_projection(self.embed_text(torch.tensor([[self.text[index]]],
+                                                                              device=self.ids.device)))
+        return self.eos_row if index == self.text_end else self.pad_row
+
+    def feed(self, token: int) -> None:
+        """The thinker's next text token: the talker starts once the assistant's first is known, then makes a frame
+        for each token the text grows by, a token behind it: generate() hands the talker no state for the text's
+        last token (the thinker never reads it), so the text's end takes its place (the end-of-turn token, or
+        the last word when --max_new_tokens cut the text)."""
+        self.text.append(token)
+        if self.steps is None and len(self.text) >= 4:
+            self._start()
+        elif self.steps is not None:
+            self._step_while(lambda: self.made + 4 < len(self.text))
+
+    def finish(self) -> None:
+        """The text has ended: the talker reads its end, then padding, until it ends the speech (or its budget)."""
+        self.text_end = max(len(self.text) - 1, 4)
+        if self.steps is None:
+            self._start()
+        self._step_while(lambda: True)
+
+    def _step_while(self, more) -> None:
+        while not self.ended and self.made < self.budget and more():
+            if self.stop is not None and self.stop.is_set():   # Enter, or a voice over the reply
+                raise KeyboardInterrupt
+            self._step()
+
+    def _start(self) -> None:
+        """The talker's prompt: the user turns, then the assistant's first three tokens over zeros, four pads over
+        the codec's think/no-think marks and the voice, the text's beginning over the codec's pad, its first token
+        over the codec's start."""
+        import torch
+        talker, config, device = self.talker, self.talker.config, self.ids.device
+        user_rows, user_ids = self.user
+        text = torch.cat([self._row(i) for i in range(4)], dim=1)
+        text_part = torch.cat((text[:, :3], self.pad_row.expand(1, 4, -1), self.bos_row, text[:, 3:4]), dim=1)
+        codec = torch.tensor([[config.codec_nothink_id, config.codec_think_bos_id, config.codec_think_eos_id,
+                               self.speaker, config.codec_pad_id, config.codec_bos_id]], device=device)
+        codec_part = torch.cat((torch.zeros((1, 3, text_part.shape[-1]), dtype=text_part.dtype, device=device),
+                                talker.get_input_embeddings()(codec)), dim=1)
+        embeds = torch.cat((user_rows, text_part + codec_part), dim=1)
+        ids = torch.cat((user_ids, torch.full((1, embeds.shape[1] - user_ids.shape[1]), self.pad_id,
+                                              device=device)), dim=1)
+        extra = {key: self.inputs[key] for key in ("image_grid_thw", "video_grid_thw", "video_second_per_grid")
+                 if key in self.inputs}
+        if "feature_attention_mask" in self.inputs:
+            extra["audio_feature_lengths"] = self.inputs["feature_attention_mask"].sum(dim=1)
+        start = time.perf_counter()
+        out = talker(inputs_embeds=embeds, talker_input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                     output_hidden_states=True,
+                     use_audio_in_video=self.extra.get("use_audio_in_video", False), **extra)
+        self._choose(out.logits[:, -1].float())
+        self.prompt_length = ids.shape[1]
+        if self.runtime.fast:
+            self.steps = self.runtime.steps(talker, cache_of(out), ids.shape[1], self.budget, decoder=talker.model,
+                                            head=talker.codec_head, embed=lambda _: self.next_input)
+            self.steps.hidden.copy_(out.hidden_states[0][-1][:, -1])
+            heads = torch.stack([head.weight for head in self.predictor.lm_head])   # [15, codes, hidden]
+            self.predictor_steps = self.runtime.steps(
+                self.predictor, None, 0, self.groups, decoder=self.predictor.model, rope_delta=0,
+                head=lambda x: torch.mm(x, heads.index_select(0, self.group)[0].t()),
+                embed=lambda _: self.predictor_input)
+        else:
+            self.steps = ForwardSteps(talker, None, embed=lambda _: self.next_input, hidden_states=True,
+                                      generation_step=0)   # counted by generate(), which the forward only hands back
+            self.steps.follow(out)
+        self.talker_s += time.perf_counter() - start
+
+    def _choose(self, logits) -> None:
+        choose_token(self.sampler, self.ids, logits, self.made)
+        code, finite = self.ids[:, self.made].tolist()
+        if not finite:
+            raise NonFiniteLogits()
+        self.made += 1
+        self.ended = code == self.talker.config.codec_eos_token_id
+
+    def _step(self) -> None:
+        """The frame of the last first code (its 15 codes from the code predictor), then the next first code."""
+        start = time.perf_counter()
+        code = self.ids[0, self.made - 1:self.made]
+        residuals = self._residuals_by_steps if self.predictor_steps else self._residuals_by_forward
+        first = self.talker.get_input_embeddings()(code.view(1, 1)).view(1, -1)
+        self.next_input.copy_(residuals(first) + self._row(3 + self.made).view(1, -1))
+        if not bool(self.residual[1].all()):
+            raise NonFiniteLogits()
+        self.frames[0, 0, self.framed] = code.view(())
+        self.frames[0, 1:, self.framed] = self.residual[0]
+        self.framed += 1
+        self.predictor_s += time.perf_counter() - start
+        self._choose(self.steps.logits_at(code, self.prompt_length + self.made - 1))   # at the code's slot
+        self.talker_s += time.perf_counter() - start
+
+    def _residuals_by_steps(self, first):
+        """The frame's 15 further codes into self.residual, the code predictor on the runtime's decoder: the
+        talker's last hidden state at position 0, the first code's embedding at 1, each drawn code's at the next;
+        returns the frame's embedding (its 16 codes' summed, [1, hidden])."""
+        steps, embeddings, total = self.predictor_steps, self.predictor.get_input_embeddings(), first
+        self.predictor_input.copy_(self.steps.hidden)
+        self.group.fill_(0)
+        steps.logits_at(self.residual[0, :1], 0)
+        self.predictor_input.copy_(first)
+        logits = steps.logits_at(self.residual[0, :1], 1)
+        for group in range(self.groups - 1):
+            choose_token(self.predictor_sampler, self.residual, logits, group)
+            embedded = embeddings[group](self.residual[0, group:group + 1])
+            total = total + embedded
+            if group < self.groups - 2:
+                self.predictor_input.copy_(embedded)
+                self.group.fill_(group + 1)
+                logits = steps.logits_at(self.residual[0, :1], group + 2)
+        return total
+
+    def _residuals_by_forward(self, first):
+        """The same through the code predictor's own forward, as generate() runs it."""
+        import torch
+        embeddings = self.predictor.get_input_embeddings()
+        out = self.predictor(inputs_embeds=torch.stack((self.steps.hidden, first), dim=1), use_cache=True)
+        total, cache = first, cache_of(out)
+        for group in range(self.groups - 1):
+            choose_token(self.predictor_sampler, self.residual, out.logits[:, -1].float(), group)
+            residual = self.residual[:1, group:group + 1]
+            total = total + embeddings[group](residual).view(1, -1)
+            if group < self.groups - 2:
+                out = self.predictor(input_ids=residual, **{self.predictor_cache: cache}, use_cache=True,
+                                     generation_steps=group + 1)
+        return total
+
+
+class Code2WavChunks:
+    """Qwen3-Omni's code2wav over a reply's frames as they come, each chunk exactly what code2wav over the whole
+    reply gives for it (within rounding): its sliding-window transformer runs on with its cache over the new
+    frames only; its convolutions rerun over CODE2WAV_CONTEXT_FRAMES before the chunk (they reach about 9.1
+    frames back) and over the frame after it, whose samples wait for the next chunk (the transposed convolutions
+    look ahead by less than one frame). Chunks grow by QWEN3_CHUNK_FRAMES."""
+
+    def __init__(self, code2wav, max_frames: int):
+        import torch
+        from transformers import DynamicCache
+        self.model, self.per_frame = code2wav, int(code2wav.total_upsample)
+        self.transformer, self.cache = code2wav.pre_transformer, DynamicCache(config=code2wav.config)
+        self.keyword = cache_keyword(self.transformer)
+        weight = code2wav.code_embedding.weight
+        self.hidden = torch.zeros((1, weight.shape[1], max_frames), dtype=weight.dtype, device=weight.device)
+        self.encoded = self.done = self.chunks_made = 0   # frames through the transformer; frames made into sound
+        self.seconds = 0.0
+
+    def due(self) -> int:
+        """The frames the next chunk needs (its own and the one after)."""
+        size = QWEN3_CHUNK_FRAMES[min(self.chunks_made, len(QWEN3_CHUNK_FRAMES) - 1)]
+        return self.done + size + CODE2WAV_AHEAD_FRAMES
+
+    def add(self, frames, available: int, final: bool) -> list:
+        """The sound of every frame of frames [1, 16, n] that `available` frames let be made now (with `final`,
+        all of them), as float32 numpy chunks."""
+        if self.done >= available or not (final or available >= self.due()):
+            return []
+        import torch
+        start = time.perf_counter()
+        model, end = self.model, available if final else available - CODE2WAV_AHEAD_FRAMES
+        with torch.no_grad():
+            if available > self.encoded:
+                codes = frames[:, :, self.encoded:available]
+                embeds = model.code_embedding(codes + model.code_offset).mean(1)
+                out = self.transformer(inputs_embeds=embeds, **{self.keyword: self.cache}, use_cache=True)
+                self.hidden[:, :, self.encoded:available] = out.last_hidden_state.permute(0, 2, 1)
+                self.encoded = available
+            first = max(0, self.done - CODE2WAV_CONTEXT_FRAMES)
+            wave = self.hidden[:, :, first:available]
+            for blocks in model.upsample:
+                for block in blocks:
+                    wave = block(wave)
+            for block in model.decoder:
+                wave = block(wave)
+            wave = wave.clamp(min=-1, max=1).reshape(-1)[(self.done - first) * self.per_frame:
+                                                          (end - first) * self.per_frame]
+            samples = wave.float().cpu().numpy()
+        self.done, self.chunks_made = end, self.chunks_made + 1
+        self.seconds += time.perf_counter() - start
+        return [samples]
+
+
+def staged_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dict, audio: AudioOut,
+                  chat: ChatCache | None = None) -> dict:
+    """Qwen3-Omni's spoken reply as it is made: the thinker a token at a time, the talker a frame behind each
+    token, code2wav in chunks as frames come, into `audio`. Returns its figures. In a chat the prompt is computed
+    whole each turn (the talker reads the whole prompt's states, not yet kept between turns)."""
+    import torch
+    model, prompt = loaded.model, inputs["input_ids"]
+    if chat is not None:
+        chat.forget()
+    streamer.put(prompt.cpu())
+    media = _has_media(model.thinker, prompt)   # the talker reads their hidden states
+    out, delta = prefill(model.thinker, inputs, extra, None, output_hidden_states=media)
+    settings = {**sampling.generate_kwargs(), "eos_token_id": model.config.im_end_token_id}   # as generate() ends it
+    text = Decoding(loaded.runtime, model.thinker, settings, prompt, out, rope_delta=delta)
+    talker = TalkerFrames(loaded, inputs, out, extra, audio.stop)
+    del out
+    sound = Code2WavChunks(model.code2wav, loaded.speech.max_codes)
+    for token in text:
+        streamer.put(torch.tensor([token]))
+        talker.feed(token)
+        for samples in sound.add(talker.frames, talker.framed, final=False):
+            audio.add(samples)
+        if token in text.end:
+            break
+    streamer.end()
+    talker.finish()
+    for samples in sound.add(talker.frames, talker.framed, final=True):
+        audio.add(samples)
+    return {"speech_codes": talker.framed, "token2wav_s": sound.seconds,
+            "talker_ms_per_code": 1000 * (talker.talker_s - talker.predictor_s) / max(talker.made, 1),
+            "predictor_ms_per_frame": 1000 * talker.predictor_s / max(talker.framed, 1)}
+
+
 # --- 11. an answer: generated, streamed, timed ---------------------------------------------------
 
 def effective_sampling(generation_config, sampling: Sampling) -> dict:
@@ -3890,7 +4288,9 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_a
     start = time.perf_counter()
     audio, figures = AudioOut(speech.play, start, stop) if runtime.speaks else None, {}
     try:
-        if runtime.fast and runtime.speaks:
+        if runtime.speaks and runtime.decoder != "generate" and hasattr(model, "code2wav"):   # Qwen3-Omni
+            figures = staged_speech(loaded, inputs, sampling, streamer, extra, audio, chat)
+        elif runtime.fast and runtime.speaks:
             figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio, chat)
         elif runtime.fast:
             fast_generate(runtime, model, inputs, sampling, streamer, extra, chat)
@@ -3979,6 +4379,7 @@ class Stats:
     speech_codes: int | None = None      # the talker's codes, 50 a second
     talker_ms_per_code: float | None = None
     token2wav_s: float | None = None
+    predictor_ms_per_frame: float | None = None   # Qwen3-Omni's code predictor (15 codes a frame)
     reused_tokens: int | None = None     # a chat's: the prompt's tokens taken from what earlier turns computed
     started_at: float | None = None      # perf_counter() when generating began (for a spoken turn's figures)
     first_played_s: float | None = None  # from the start to the first sample handed to the speakers (--play)

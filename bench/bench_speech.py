@@ -14,15 +14,27 @@ when the GPU made it; --schedule and --priority try other chunk sizes and stream
 
     python bench/bench_speech.py                 (on an NVIDIA GPU; ~3 minutes with the build)
     python bench/bench_speech.py --seconds 5 --model /tmp/real_size_models/qwen2_5_omni
+
+--qwen3 times Qwen3-Omni-30B-A3B-Instruct instead (12.5 frames a second): random full-size weights made in
+memory on the GPU (about 70 GB in bfloat16: more than a lent machine's disk holds, so never saved), the tiny
+model on a CPU. The tool's streamed reply (thinker, talker and code predictor on its fast decoder, CUDA graphs
+on a GPU; code2wav in chunks), the same through each part's own forward pass (--runs eager: the tool's way
+for what its decoder cannot run), then transformers' generate() on the same model and inputs; the first sound, the real-time factor,
+the talker's and the code predictor's milliseconds a frame, code2wav's seconds, peak memory against the plan.
+
+    python bench/bench_speech.py --qwen3         (on an H100 or H200; ~4 minutes)
+    python bench/bench_speech.py --qwen3 --seconds 2 --text_tokens 16    (the tiny model on a CPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +55,10 @@ def main() -> None:
     parser.add_argument("--priority", type=int, help="token2wav's CUDA stream priority (default: the tool's)")
     parser.add_argument("--timeline", action="store_true", help="when each chunk was started and made (CUDA)")
     parser.add_argument("--schedule", help="token2wav's chunks in DiT blocks, e.g. 1,2,4,8 (default: the tool's)")
+    parser.add_argument("--qwen3", action="store_true", help="Qwen3-Omni-30B-A3B, made in memory (see above)")
     args = parser.parse_args()
+    if args.qwen3:
+        return qwen3(args)
 
     import numpy as np
     import torch
@@ -183,6 +198,87 @@ def main() -> None:
           f"{np.linalg.norm(chunked - wave) / np.linalg.norm(wave):.2e} (wave RMS {np.sqrt(np.mean(wave ** 2)):.3f}); "
           f"graphed vs eager chunks: max |difference| {np.abs(chunked - eager).max():.2e} "
           f"(same codes in both runs: {same_codes})")
+
+
+def qwen3(args) -> None:
+    """The Qwen3-Omni bench (--qwen3)."""
+    import torch
+    import transformers
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | "
+          f"{torch.cuda.get_device_name(0) if cuda else 'CPU'}")
+    rm.quiet_libraries(debug=False)
+    frames = round(args.seconds * rm.QWEN3_CODES_PER_SECOND)
+    sampling = rm.Sampling(args.text_tokens, temperature=0)
+    real = rm.resolve_model(str(ROOT / "tests" / "configs" / "Qwen--Qwen3-Omni-30B-A3B-Instruct"))
+    facts = rm.model_facts(rm.load_config(real, False), real, False)
+    options = rm.Options(output_audio=Path("unused.wav"), sampling=sampling,
+                         speech_codes=math.ceil(frames * rm.TALKER_CODES_PER_SECOND / rm.QWEN3_CODES_PER_SECOND))
+    plan = rm.choose_plan(rm.detect_hardware(), facts, options)
+    print(f"plan for the real model here: {plan.device} {plan.dtype}, estimate {rm.format_bytes(plan.estimate.total)}"
+          f"; {args.text_tokens} text tokens, {frames} frames ({args.seconds:.1f} s of speech)")
+    start = time.perf_counter()
+    model, processor = tiny_models.qwen3_omni(full_size=cuda, device="cuda" if cuda else "cpu", talker=True)
+    if not cuda:
+        model.float()
+    talker = model.talker   # as load_model() mends it
+    talker.config.audio_config = model.config.thinker_config.audio_config
+    sync()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"made in {time.perf_counter() - start:.1f} s: {parameters / 1e9:.2f} B parameters, "
+          f"{rm.format_bytes(sum(p.numel() * p.element_size() for p in model.parameters()))}")
+    speech = rm.Speech("Ethan", max_codes=frames, min_codes=frames)
+    runtime = rm.choose_runtime(model, "cuda" if cuda else "cpu", options)
+    loaded = rm.Loaded(model, processor, plan, 0.0, {}, runtime, speech)
+    print(f"decoder {runtime.decoder}")
+    media = rm.Media()
+    inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
+                               model.device, media)
+
+    forward = rm.Runtime(runtime.device, "stages", "", speaks=True)
+
+    def tool(label: str, staged: bool = False) -> None:
+        torch.manual_seed(0)
+        speaking = dataclasses.replace(loaded, runtime=forward) if staged else loaded
+        answer = rm.generate_answer(speaking, inputs, sampling, rm.SHOW_NONE)
+        stats = rm.stats_of(answer, speaking, 0.0)
+        total, seconds = answer.end - answer.start, len(answer.wav) / rm.SPEECH_SAMPLE_RATE
+        print(f"{label:<16} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
+              f"first audio {answer.first_audio_s:.3f} s from the start, {answer.first_audio_s - stats.ttft_s:.3f} s "
+              f"after the prompt was read (first token {stats.ttft_s:.3f} s); text {stats.new_tokens} tokens at "
+              f"{stats.decode_tokens_per_s:.1f} tokens/s with the talker; talker {stats.talker_ms_per_code:.1f} ms a "
+              f"frame, code predictor {stats.predictor_ms_per_frame:.1f} ms a frame; code2wav "
+              f"{stats.token2wav_s:.2f} s in all; {stats.speech_codes} frames")
+
+    def plain(label: str) -> None:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        _, wav = model.generate(**inputs, speaker="Ethan", thinker_max_new_tokens=args.text_tokens,
+                                thinker_do_sample=False, thinker_eos_token_id=model.config.im_end_token_id,
+                                talker_max_new_tokens=frames, talker_min_new_tokens=frames)
+        sync()
+        total, seconds = time.perf_counter() - start, wav.numel() / rm.SPEECH_SAMPLE_RATE
+        print(f"{label:<16} {seconds:.2f} s of audio in {total:.2f} s (real-time factor {total / seconds:.2f}); "
+              f"first audio at the end: {total:.2f} s")
+
+    for key, label, run in (("graphs", "tool, streamed", tool), ("eager", "tool, forward", lambda name: tool(name, True)),
+                            ("plain", "plain generate", plain)):
+        if key not in args.runs:
+            continue
+        for repeat in range(args.repeats):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
+                run(f"{label} #{repeat + 1}")
+            peak = torch.cuda.max_memory_allocated() if cuda else rm.peak_memory("cpu")[0]
+            print(f"{'':<16} peak memory {rm.format_bytes(peak)} (plan's estimate for the real model "
+                  f"{rm.format_bytes(plan.estimate.total)})")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import run_multimodal as rm
 from conftest import SAMPLE_IMAGE
 
-MODELS = ["qwen2", "qwen2_5_vl", "qwen2_5_omni"]
+MODELS = ["qwen2", "qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"]   # Qwen3-Omni's: q/k norms, a mixture of experts
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def loaded(tiny_models):
     found = {}
     for name in MODELS:
         info = rm.resolve_model(str(tiny_models[name]))
-        plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker",) if name == "qwen2_5_omni" else ())
+        omni = name in ("qwen2_5_omni", "qwen3_omni")
+        plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker",) if omni else ())
         model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
         media = rm.Media() if name == "qwen2" else rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
         messages = rm.build_messages("Describe the picture, please", None, media, info.kind)

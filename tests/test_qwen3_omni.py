@@ -3,13 +3,14 @@ talker with its code predictor, code2wav), and the plans for the real one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 import run_multimodal as rm
-from conftest import CONFIGS, assert_one_line_error, run_tool
+from conftest import CONFIGS, SAMPLE_IMAGE, WAV16, assert_one_line_error, run_tool
 
 QWEN3 = CONFIGS / "Qwen--Qwen3-Omni-30B-A3B-Instruct"
 
@@ -48,8 +49,9 @@ def test_qwen3_omni_speaks_what_transformers_generate_speaks(tiny_models, tmp_pa
     samples, rate = soundfile.read(tmp_path / "reply.wav", dtype="float32")
     text, expected = transformers_reply(model, "Say something", "Aiden", 2, 3)
     assert result.stdout == text + "\n" and rate == 24000
-    assert 0 < len(samples) == len(expected) <= 2 * 24000
-    assert np.abs(samples - np.clip(expected, -1, 1)).max() <= 1 / 32767 + 1e-6   # a 16-bit WAV's rounding
+    assert 0 < len(samples) == len(expected) <= 2 * 24000 and 0.01 < np.abs(expected).max() <= 1
+    # a 16-bit WAV's rounding, and the float rounding of code2wav made in chunks (below)
+    assert np.abs(samples - np.clip(expected, -1, 1)).max() <= 1 / 32767 + 1e-5
 
 
 def test_a_voice_not_in_the_config_and_a_checkpoint_without_talker_are_refused_before_loading(tiny_models, tmp_path):
@@ -86,3 +88,124 @@ def test_qwen3_omni_speaking_is_planned_part_by_part(hardware, device, quantizat
         assert any(line.startswith("🍎 Metal quantization converts Linear layers only") for line in plan["reasons"])
     if hardware == "cuda:48,48":
         assert plan["gpus"] == [0, 1]
+
+
+# --- the reply streamed, in this process, against transformers' generate() on the same inputs -----------------
+
+TEXT_TOKENS = 16
+SPEAKING = rm.Options(output_audio=rm.Path("reply.wav"), sampling=rm.Sampling(TEXT_TOKENS, temperature=0))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_models):
+    """(loaded, inputs): the tiny speaking Qwen3-Omni in float32 on the CPU, a picture and a recording in the
+    prompt (the talker reads their hidden states), the runtime the tool decides for a spoken reply there."""
+    info = rm.resolve_model(str(tiny_models["qwen3_omni_speaking"]))
+    plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker", "talker", "code2wav"))
+    model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
+    runtime = rm.choose_runtime(model, "cpu", SPEAKING)
+    assert (runtime.decoder, runtime.speaks) == ("step", True) and "the talker too" in runtime.reason
+    plain = rm.choose_runtime(model, "cpu", dataclasses.replace(SPEAKING, fast_decode=False))
+    assert plain.decoder == "generate" and "(--no_fast_decode)" in plain.reason
+    media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))], audios=[rm.load_audio(str(WAV16))])
+    messages = rm.build_messages("What do you see and hear?", rm.SPEECH_SYSTEM_PROMPT, media, "omni")
+    inputs = rm.prepare_inputs(processor, messages, model.device, media)
+    return rm.Loaded(model, processor, plan, 0.0, {}, runtime, rm.Speech("Ethan")), inputs
+
+
+def streamed(qwen3, frames: int, seed: int, monkeypatch, runtime=None) -> tuple[rm.Answer, list]:
+    """The tool's spoken reply, and the frames code2wav was given (seen by wrapping Code2WavChunks.add)."""
+    import torch
+    loaded, inputs = qwen3
+    seen = []
+    add = rm.Code2WavChunks.add
+
+    def spy(self, all_frames, available, final):
+        seen[:] = all_frames[0, :, :available].tolist()
+        return add(self, all_frames, available, final)
+    monkeypatch.setattr(rm.Code2WavChunks, "add", spy)
+    speaking = dataclasses.replace(loaded, speech=rm.Speech("Ethan", max_codes=frames, min_codes=frames),
+                                   runtime=runtime or loaded.runtime)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        answer = rm.generate_answer(speaking, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE)
+    return answer, seen
+
+
+def generated(qwen3, frames: int, seed: int) -> tuple[str, list, np.ndarray]:
+    """transformers' own generate() on the same inputs: its text, the frames its code2wav was given, its wave."""
+    import torch
+    loaded, inputs = qwen3
+    model, seen = loaded.model, []
+    decode = model.code2wav.chunked_decode
+
+    def spy(codes, **kwargs):
+        seen[:] = codes[0].tolist()
+        return decode(codes, **kwargs)
+    model.code2wav.chunked_decode = spy
+    torch.manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            text_ids, wav = model.generate(**inputs, speaker="Ethan", thinker_max_new_tokens=TEXT_TOKENS,
+                                           thinker_do_sample=False, thinker_eos_token_id=model.config.im_end_token_id,
+                                           talker_max_new_tokens=frames, talker_min_new_tokens=frames)
+    finally:
+        del model.code2wav.chunked_decode
+    text = loaded.processor.batch_decode(text_ids[:, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)[0]
+    return text, seen, wav.reshape(-1).float().numpy()
+
+
+# the fast decoder's steps (thinker, talker, code predictor), and each part's own forward (for what it cannot run)
+STAGES = rm.Runtime("cpu", "stages", "", speaks=True)
+
+
+@pytest.mark.parametrize("seed, runtime", [(5, None), (11, None), (11, STAGES)], ids=["5", "11", "11-forward"])
+def test_the_streamed_reply_is_generates(qwen3, seed, runtime, monkeypatch):
+    """30 frames (2.4 s), the talker and its code predictor sampling with generate()'s settings from one seed:
+    the same text, the same 16 codes in every frame, the same wave but for code2wav's chunks' float rounding;
+    the first sound before the end."""
+    answer, frames = streamed(qwen3, 30, seed, monkeypatch, runtime)
+    text, expected, wave = generated(qwen3, 30, seed)
+    assert answer.text == text
+    assert len(frames) == 16 and len(frames[0]) == 29   # the 30th first code is the last: no frame follows it
+    assert frames == expected
+    assert answer.speech_figures["speech_codes"] == 29 and len(answer.wav) == len(wave)
+    assert 0.01 < np.abs(wave).max() <= 1 and np.abs(answer.wav - wave).max() < 1e-5
+    assert 0 < answer.first_audio_s < answer.end - answer.start
+
+
+def test_on_a_mac_every_draw_is_made_on_the_cpu(qwen3, monkeypatch):
+    """The thinker's, the talker's and the code predictor's samplers all come from the runtime (simulated Mac)."""
+    loaded, _ = qwen3
+    mac = rm.choose_runtime(loaded.model, "mps", SPEAKING)
+    assert mac.decoder == "step" and mac.draw_on_cpu
+    draws, init = [], rm.Sampler.__init__
+
+    def spy(self, settings, draw_on_cpu=False):
+        draws.append(draw_on_cpu)
+        init(self, settings, draw_on_cpu)
+    monkeypatch.setattr(rm.Sampler, "__init__", spy)
+    _, frames = streamed(qwen3, 12, 11, monkeypatch, runtime=mac)
+    assert draws == [True, True, True]
+    assert frames == generated(qwen3, 12, 11)[1]
+
+
+@pytest.mark.parametrize("context, close", [(rm.CODE2WAV_CONTEXT_FRAMES, True), (2, False)])
+def test_code2wav_in_chunks_is_code2wav_over_the_whole_reply(qwen3, monkeypatch, context, close):
+    """Random frames fed as a talker makes them (a few at a time): the chunks equal code2wav over all of them
+    within float rounding; with too little context before each chunk they would not."""
+    import torch
+    code2wav = qwen3[0].model.code2wav
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, code2wav.config.codebook_size, (1, 16, 57), generator=generator)
+    monkeypatch.setattr(rm, "CODE2WAV_CONTEXT_FRAMES", context)
+    with torch.inference_mode():
+        whole = code2wav(frames).reshape(-1).numpy()
+        chunks = rm.Code2WavChunks(code2wav, 57)
+        parts = [part for available in range(1, 58, 3)
+                 for part in chunks.add(frames, min(available, 57), final=False)]
+        parts += chunks.add(frames, 57, final=True)
+    assert chunks.chunks_made == len(parts) > 4
+    joined = np.concatenate(parts)
+    assert len(joined) == len(whole)
+    assert 0.01 < np.abs(whole).max() and (np.abs(joined - whole).max() < 1e-5) == close

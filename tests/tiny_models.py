@@ -114,13 +114,20 @@ def _real_config(name: str) -> dict:
     return json.loads((SHARED_CONFIGS / name / "config.json").read_text())
 
 
-def _random_model(model_class, config, full_size: bool, device: str):
-    """Random weights: float32 when tiny (exact references), bfloat16 at full size."""
+def _random_model(model_class, config, full_size: bool, device: str, built_in_bf16: bool = False):
+    """Random weights: float32 when tiny (exact references), bfloat16 at full size (made in bfloat16 with
+    `built_in_bf16`: a model too big for float32 on the card)."""
     import torch
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = model_class(config)
+    default = torch.get_default_dtype()
+    if full_size and built_in_bf16:
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(default)
     if full_size:
         for name, part in model.named_children():
             if name != "token2wav":   # published in float32, and run in float32
@@ -273,6 +280,15 @@ def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu", ta
     """A Qwen3-Omni (qwen3_omni_moe) checkpoint: the MoE thinker with vision and audio; with `talker`, the
     talker (its code predictor inside) and code2wav of Qwen3-Omni-30B-A3B-Instruct's config too, and its
     voices. Tiny unless `full_size` (the real config whole)."""
+    model, processor = qwen3_omni(full_size, device, talker)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def qwen3_omni(full_size: bool = False, device: str = "cpu", talker: bool = False):
+    """(model, processor) of build_qwen3_omni, in memory: at full size (bfloat16, about 70 GB with the talker)
+    too big to save on a lent GPU machine's disk, so benchmarks make it where they run."""
     from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor,
                               WhisperFeatureExtractor)
 
@@ -287,7 +303,7 @@ def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu", ta
                                              tts_pad_token_id="<|box_end|>", tts_bos_token_id="<|quad_start|>",
                                              tts_eos_token_id="<|quad_end|>")))
     thinker = dict(media, user_token_id=roles["user_token_id"])
-    thinker["text_config"] = dict(vocab_size=len(tok), **_token_ids(tok, dict(
+    thinker["text_config"] = dict(**({} if full_size else {"vocab_size": len(tok)}), **_token_ids(tok, dict(
         bos_token_id="<|im_start|>", eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>")))
     real = _real_config("Qwen--Qwen3-Omni-30B-A3B-Instruct")
     if full_size:
@@ -300,19 +316,20 @@ def build_qwen3_omni(out: Path, full_size: bool = False, device: str = "cpu", ta
             media, audio_end_token_id=tok.convert_tokens_to_ids("<|audio_eos|>")))),
             code2wav_config=_merge(real["code2wav_config"], TINY_QWEN3_OMNI_CODE2WAV)) if talker else {}
     config = Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=talker, **parts, **(top if talker else {}))
-    model = _random_model(Qwen3OmniMoeForConditionalGeneration, config, full_size, device)
+    model = _random_model(Qwen3OmniMoeForConditionalGeneration, config, full_size, device, built_in_bf16=True)
     if talker:   # transformers (5.17-5.25) leaves the talker's experts uninitialised: whatever the memory held
         import torch
         with torch.no_grad():
             for name, weight in model.talker.named_parameters():
                 if ".experts." in name:
                     weight.normal_(0.0, config.talker_config.text_config.initializer_range)
-    model.save_pretrained(out)
+            if not full_size:   # random weights speak at about 1e-6, below a 16-bit WAV's step: made audible
+                last = model.code2wav.decoder[-1].conv
+                last.weight.mul_(0.3 / model.code2wav(torch.zeros((1, 16, 8), dtype=torch.long, device=last.weight.device)).abs().max())
     patch = config.thinker_config.vision_config.patch_size   # 16 in Qwen3-Omni
-    Qwen3OmniMoeProcessor(image_processor=_image_processor(patch), video_processor=_video_processor(patch),
-                          feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
-                          chat_template=QWEN_OMNI_TEMPLATE).save_pretrained(out)
-    return out
+    return model.eval(), Qwen3OmniMoeProcessor(
+        image_processor=_image_processor(patch), video_processor=_video_processor(patch),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok, chat_template=QWEN_OMNI_TEMPLATE)
 
 
 def build_qwen3_omni_speaking(out: Path, full_size: bool = False, device: str = "cpu") -> Path:
