@@ -2713,7 +2713,8 @@ class Loaded:
     device_map: dict
     runtime: Runtime
     speech: Speech | None = None   # the voice of a spoken reply (runtime.speaks)
-    token2wav: object = None       # Token2Wav, ready for that voice, when the fast decoder speaks
+    token2wav: object = None       # Token2Wav, ready for that voice, when the fast decoder speaks (Qwen2.5-Omni)
+    predictor: object = None       # CodePredictor, when the fast decoder speaks (Qwen3-Omni)
 
 
 def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Speech | None = None) -> Loaded:
@@ -2734,9 +2735,11 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Sp
     say(describe_sampling(model.generation_config, options.sampling))
     runtime = choose_runtime(model, plan.device, options)
     say(runtime.reason)
-    token2wav = token2wav_for(model, speech, runtime) if runtime.speaks and runtime.fast and \
-        hasattr(model, "token2wav") else None
-    return Loaded(model, processor, plan, load_s, device_map, runtime, speech if runtime.speaks else None, token2wav)
+    fast_speech = runtime.speaks and runtime.fast
+    token2wav = token2wav_for(model, speech, runtime) if fast_speech and hasattr(model, "token2wav") else None
+    predictor = code_predictor_for(model, runtime) if fast_speech and hasattr(model, "code2wav") else None
+    return Loaded(model, processor, plan, load_s, device_map, runtime, speech if runtime.speaks else None, token2wav,
+                  predictor)
 
 
 # --- 9. the decoding engine: a static KV cache, one step per token, the next token on the device --
@@ -3055,10 +3058,13 @@ class Sampler:
     """The next token, chosen on the device by transformers' own logits processors (temperature,
     top-k, top-p, repetition penalty, min_new_tokens) and then greedily or by drawing from them; with
     `draw_on_cpu` (MPS) the draw is made on the CPU from the processed scores, with the CPU's seeded
-    generator, so a seeded answer repeats."""
+    generator, so a seeded answer repeats. `race` draws inside a CUDA graph, where multinomial cannot run (it
+    waits for the GPU): the token whose probability over an exponential variate is largest, which has the
+    same distribution (other draws from the same seed)."""
 
     def __init__(self, settings, draw_on_cpu: bool = False):
         (self.config, self.processors, self.end), self.draw_on_cpu = settings, draw_on_cpu
+        self.race = False
 
     def __call__(self, ids, logits):
         """ids: the sequence so far [1, n]; logits: float32 [1, vocabulary] -> the token [1]."""
@@ -3069,6 +3075,9 @@ class Sampler:
         if self.draw_on_cpu:
             probabilities = torch.nn.functional.softmax(scores.cpu(), dim=-1)
             return torch.multinomial(probabilities, num_samples=1).squeeze(1).to(logits.device)
+        if self.race:
+            probabilities = torch.nn.functional.softmax(scores, dim=-1)
+            return torch.argmax(probabilities / torch.empty_like(probabilities).exponential_(1), dim=-1)
         return torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
@@ -3887,21 +3896,19 @@ class TalkerFrames:
         with warnings.catch_warnings():   # a repetition penalty over the codes alone, as generate() applies it
             warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
             self.sampler = runtime.sampler(_decoding_settings(self.talker, self.settings, empty))
-        predictor = {"do_sample": self.sampler.config.do_sample, "max_new_tokens": self.groups - 1}
-        if predictor["do_sample"]:
-            predictor.update(top_k=50, top_p=0.8)
-        self.predictor_sampler = runtime.sampler(_decoding_settings(self.predictor, predictor, empty))
+        self.unit = loaded.predictor if runtime.fast else None   # the code predictor on the fast decoder
+        if self.unit is None:   # through its own forward
+            self.predictor_sampler = runtime.sampler(_decoding_settings(
+                self.predictor, predictor_settings(model, self.groups), empty))
         self.budget = speech.max_codes
         self.ids = torch.ones((2, self.budget + 1), dtype=torch.long, device=device)   # first codes, finite
         self.residual = torch.ones((2, self.groups - 1), dtype=torch.long, device=device)
         self.frames = torch.zeros((1, self.groups, self.budget), dtype=torch.long, device=device)
         self.made = self.framed = 0   # first codes drawn; frames complete (their 15 codes drawn)
-        self.ended, self.steps, self.predictor_steps = False, None, None
+        self.ended, self.steps = False, None
         self.talker_s = self.predictor_s = 0.0
-        hidden = talker_config.text_config.hidden_size
-        self.next_input = torch.zeros((1, hidden), dtype=self.talker.dtype, device=device)   # the talker's next
-        self.predictor_input = torch.zeros((1, hidden), dtype=self.talker.dtype, device=device)
-        self.group = torch.zeros((1,), dtype=torch.long, device=device)   # the code predictor's head, by position
+        self.next_input = torch.zeros((1, talker_config.text_config.hidden_size), dtype=self.talker.dtype,
+                                      device=device)   # the talker's next input
 
     def _user_rows(self, model, ids, prompt_out):
         """The talker's rows for the prompt's user turns: the thinker's embeddings of their text, projected, and
@@ -3987,11 +3994,6 @@ class TalkerFrames:
             self.steps = self.runtime.steps(talker, cache_of(out), ids.shape[1], self.budget, decoder=talker.model,
                                             head=talker.codec_head, embed=lambda _: self.next_input)
             self.steps.hidden.copy_(out.hidden_states[0][-1][:, -1])
-            heads = torch.stack([head.weight for head in self.predictor.lm_head])   # [15, codes, hidden]
-            self.predictor_steps = self.runtime.steps(
-                self.predictor, None, 0, self.groups, decoder=self.predictor.model, rope_delta=0,
-                head=lambda x: torch.mm(x, heads.index_select(0, self.group)[0].t()),
-                embed=lambda _: self.predictor_input)
         else:
             self.steps = ForwardSteps(talker, None, embed=lambda _: self.next_input, hidden_states=True,
                                       generation_step=0)   # counted by generate(), which the forward only hands back
@@ -4010,9 +4012,11 @@ class TalkerFrames:
         """The frame of the last first code (its 15 codes from the code predictor), then the next first code."""
         start = time.perf_counter()
         code = self.ids[0, self.made - 1:self.made]
-        residuals = self._residuals_by_steps if self.predictor_steps else self._residuals_by_forward
-        first = self.talker.get_input_embeddings()(code.view(1, 1)).view(1, -1)
-        self.next_input.copy_(residuals(first) + self._row(3 + self.made).view(1, -1))
+        if self.unit is not None:
+            total = self.unit.frame(self.steps.hidden, code, self.residual)
+        else:
+            total = self._residuals_by_forward(self.talker.get_input_embeddings()(code.view(1, 1)).view(1, -1))
+        self.next_input.copy_(total + self._row(3 + self.made).view(1, -1))
         if not bool(self.residual[1].all()):
             raise NonFiniteLogits()
         self.frames[0, 0, self.framed] = code.view(())
@@ -4021,26 +4025,6 @@ class TalkerFrames:
         self.predictor_s += time.perf_counter() - start
         self._choose(self.steps.logits_at(code, self.prompt_length + self.made - 1))   # at the code's slot
         self.talker_s += time.perf_counter() - start
-
-    def _residuals_by_steps(self, first):
-        """The frame's 15 further codes into self.residual, the code predictor on the runtime's decoder: the
-        talker's last hidden state at position 0, the first code's embedding at 1, each drawn code's at the next;
-        returns the frame's embedding (its 16 codes' summed, [1, hidden])."""
-        steps, embeddings, total = self.predictor_steps, self.predictor.get_input_embeddings(), first
-        self.predictor_input.copy_(self.steps.hidden)
-        self.group.fill_(0)
-        steps.logits_at(self.residual[0, :1], 0)
-        self.predictor_input.copy_(first)
-        logits = steps.logits_at(self.residual[0, :1], 1)
-        for group in range(self.groups - 1):
-            choose_token(self.predictor_sampler, self.residual, logits, group)
-            embedded = embeddings[group](self.residual[0, group:group + 1])
-            total = total + embedded
-            if group < self.groups - 2:
-                self.predictor_input.copy_(embedded)
-                self.group.fill_(group + 1)
-                logits = steps.logits_at(self.residual[0, :1], group + 2)
-        return total
 
     def _residuals_by_forward(self, first):
         """The same through the code predictor's own forward, as generate() runs it."""
@@ -4056,6 +4040,98 @@ class TalkerFrames:
                 out = self.predictor(input_ids=residual, **{self.predictor_cache: cache}, use_cache=True,
                                      generation_steps=group + 1)
         return total
+
+
+def predictor_settings(model, groups: int) -> dict:
+    """The code predictor's sampling, as Qwen3-Omni's generate() asks for it: the talker's do_sample mirrored,
+    top-k 50 and top-p 0.8 when sampling."""
+    do_sample = inspect.signature(type(model).generate).parameters["talker_do_sample"].default
+    return {"do_sample": do_sample, "max_new_tokens": groups - 1, **({"top_k": 50, "top_p": 0.8} if do_sample else {})}
+
+
+class CodePredictor:
+    """Qwen3-Omni's code predictor on the FastDecoder, ready at load time for every reply: a frame's 15 further
+    codes from the talker's last hidden state (position 0) and the frame's first code (position 1), each drawn
+    code's embedding at the next position, its head (one of 15) chosen on the device by the position. With the
+    runtime's graphs the whole frame (16 positions, 15 draws) is one CUDA graph; its draws race exponential
+    variates there (Sampler.race: multinomial would wait for the GPU)."""
+
+    def __init__(self, model, runtime: Runtime):
+        import torch
+        talker, predictor = model.talker, model.talker.code_predictor
+        self.groups, self.graph = talker.config.num_code_groups, None
+        self.embed_first, self.embeddings = talker.get_input_embeddings(), predictor.get_input_embeddings()
+        device, dtype, width = talker.device, talker.dtype, talker.config.text_config.hidden_size
+        self.sampler = runtime.sampler(_decoding_settings(predictor, predictor_settings(model, self.groups),
+                                                          torch.zeros((1, 0), dtype=torch.long, device=device)))
+        self.hidden, self.input = (torch.zeros((1, width), dtype=dtype, device=device) for _ in range(2))
+        self.code = torch.zeros((1,), dtype=torch.long, device=device)
+        self.group = torch.zeros((1,), dtype=torch.long, device=device)
+        self.residual = torch.ones((2, self.groups - 1), dtype=torch.long, device=device)   # codes, finite
+        heads = torch.stack([head.weight for head in predictor.lm_head])   # [15, codes, hidden]
+        self.steps = FastDecoder(predictor, None, 0, self.groups, runtime.graphs, decoder=predictor.model,
+                                 rope_delta=0, head=lambda x: torch.mm(x, heads.index_select(0, self.group)[0].t()),
+                                 embed=lambda _: self.input)
+        if runtime.graphs:
+            self._capture()
+
+    def frame(self, hidden, code, residual):
+        """The frame of `code` ([1], the talker's first) after the talker's `hidden` [1, hidden]: its 15 codes
+        into residual[:, :15] (codes, finite), and its 16 codes' embeddings summed [1, hidden]."""
+        self.hidden.copy_(hidden)
+        self.code.copy_(code)
+        if self.graph is not None:
+            self.graph.replay()
+            total = self.total
+        else:
+            total = self._frame(masked=False)
+        residual.copy_(self.residual)
+        return total
+
+    def _frame(self, masked: bool):
+        def logits_at(slot: int):   # `masked`: the step over all slots, its position set on the device (a graph's)
+            self.group.fill_(max(slot - 1, 0))
+            if not masked:
+                return self.steps.logits_at(self.code, slot)
+            self.steps.position.fill_(slot)
+            return self.steps._masked_step()
+        total = first = self.embed_first(self.code).view(1, -1)
+        self.input.copy_(self.hidden)
+        logits_at(0)
+        self.input.copy_(first)
+        logits = logits_at(1)
+        for group in range(self.groups - 1):
+            choose_token(self.sampler, self.residual, logits, group)
+            embedded = self.embeddings[group](self.residual[0, group:group + 1])
+            total = total + embedded
+            if group < self.groups - 2:
+                self.input.copy_(embedded)
+                logits = logits_at(group + 2)
+        return total
+
+    def _capture(self) -> None:
+        """Record the frame as one CUDA graph, after two warm-up runs on a side stream."""
+        import torch
+        self.sampler.race = True
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._frame(masked=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.total = self._frame(masked=True)
+
+
+def code_predictor_for(model, runtime: Runtime) -> "CodePredictor":
+    """Qwen3-Omni's code predictor on the fast decoder, a frame recorded as one CUDA graph where graphs run (said)."""
+    start = time.perf_counter()
+    predictor = CodePredictor(model, runtime)
+    if runtime.graphs:
+        say(f"🔊 The code predictor's frame (16 positions, 15 draws) recorded as one CUDA graph in "
+            f"{time.perf_counter() - start:.1f} s")
+    return predictor
 
 
 class Code2WavChunks:

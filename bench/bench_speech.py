@@ -233,8 +233,10 @@ def qwen3(args) -> None:
           f"{rm.format_bytes(sum(p.numel() * p.element_size() for p in model.parameters()))}")
     speech = rm.Speech("Ethan", max_codes=frames, min_codes=frames)
     runtime = rm.choose_runtime(model, "cuda" if cuda else "cpu", options)
-    loaded = rm.Loaded(model, processor, plan, 0.0, {}, runtime, speech)
-    print(f"decoder {runtime.decoder}")
+    start = time.perf_counter()
+    predictor = rm.code_predictor_for(model, runtime) if runtime.fast else None   # as load() makes it
+    loaded = rm.Loaded(model, processor, plan, 0.0, {}, runtime, speech, predictor=predictor)
+    print(f"decoder {runtime.decoder}; the code predictor ready in {time.perf_counter() - start:.2f} s")
     media = rm.Media()
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
                                model.device, media)

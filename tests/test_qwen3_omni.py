@@ -110,7 +110,8 @@ def qwen3(tiny_models):
     media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))], audios=[rm.load_audio(str(WAV16))])
     messages = rm.build_messages("What do you see and hear?", rm.SPEECH_SYSTEM_PROMPT, media, "omni")
     inputs = rm.prepare_inputs(processor, messages, model.device, media)
-    return rm.Loaded(model, processor, plan, 0.0, {}, runtime, rm.Speech("Ethan")), inputs
+    return rm.Loaded(model, processor, plan, 0.0, {}, runtime, rm.Speech("Ethan"),
+                     predictor=rm.code_predictor_for(model, runtime)), inputs
 
 
 def streamed(qwen3, frames: int, seed: int, monkeypatch, runtime=None) -> tuple[rm.Answer, list]:
@@ -185,8 +186,9 @@ def test_on_a_mac_every_draw_is_made_on_the_cpu(qwen3, monkeypatch):
         draws.append(draw_on_cpu)
         init(self, settings, draw_on_cpu)
     monkeypatch.setattr(rm.Sampler, "__init__", spy)
-    _, frames = streamed(qwen3, 12, 11, monkeypatch, runtime=mac)
-    assert draws == [True, True, True]
+    speaking = dataclasses.replace(loaded, runtime=mac, predictor=rm.code_predictor_for(loaded.model, mac))
+    _, frames = streamed((speaking, qwen3[1]), 12, 11, monkeypatch)
+    assert draws == [True, True, True]   # the code predictor's (made with the runtime), the thinker's, the talker's
     assert frames == generated(qwen3, 12, 11)[1]
 
 
@@ -209,3 +211,26 @@ def test_code2wav_in_chunks_is_code2wav_over_the_whole_reply(qwen3, monkeypatch,
     joined = np.concatenate(parts)
     assert len(joined) == len(whole)
     assert 0.01 < np.abs(whole).max() and (np.abs(joined - whole).max() < 1e-5) == close
+
+
+def test_the_masked_step_a_cuda_graph_records_makes_the_same_frames(qwen3, monkeypatch):
+    """On a GPU a frame of the code predictor is one CUDA graph over its masked step (all 16 slots, the position
+    set on the device); run here without the graph, it draws the codes the filled-slots step draws."""
+    plain = streamed(qwen3, 12, 3, monkeypatch)[1]
+    frame = rm.CodePredictor._frame
+    monkeypatch.setattr(rm.CodePredictor, "_frame", lambda self, masked: frame(self, masked=True))
+    assert streamed(qwen3, 12, 3, monkeypatch)[1] == plain
+
+
+def test_inside_a_cuda_graph_tokens_are_drawn_with_multinomials_distribution():
+    """multinomial waits for the GPU, so a recorded frame races exponential variates: the same distribution."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    sampler = rm.Sampler((dataclasses.make_dataclass("Config", [("do_sample", bool)])(True), LogitsProcessorList(),
+                          set()))
+    sampler.race = True
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
+    drawn = np.bincount([int(sampler(None, logits)) for _ in range(20000)], minlength=4) / 20000
+    assert np.abs(drawn - [0.5, 0.3, 0.2, 0.0]).max() < 0.015
