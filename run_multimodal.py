@@ -4069,7 +4069,8 @@ class CodePredictor:
         self.group = torch.zeros((1,), dtype=torch.long, device=device)
         self.residual = torch.ones((2, self.groups - 1), dtype=torch.long, device=device)   # codes, finite
         heads = torch.stack([head.weight for head in predictor.lm_head])   # [15, codes, hidden]
-        self.steps = FastDecoder(predictor, None, 0, self.groups, runtime.graphs, decoder=predictor.model,
+        self.steps = FastDecoder(predictor, None, 0, self.groups, runtime.graphs, runtime.decoder == "compiled",
+                                 decoder=predictor.model,
                                  rope_delta=0, head=lambda x: torch.mm(x, heads.index_select(0, self.group)[0].t()),
                                  embed=lambda _: self.input)
         if runtime.graphs:

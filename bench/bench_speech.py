@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--timeline", action="store_true", help="when each chunk was started and made (CUDA)")
     parser.add_argument("--schedule", help="token2wav's chunks in DiT blocks, e.g. 1,2,4,8 (default: the tool's)")
     parser.add_argument("--qwen3", action="store_true", help="Qwen3-Omni-30B-A3B, made in memory (see above)")
+    parser.add_argument("--compile", action="store_true", help="--qwen3: as the tool's --compile (layers compiled)")
     args = parser.parse_args()
     if args.qwen3:
         return qwen3(args)
@@ -216,7 +217,7 @@ def qwen3(args) -> None:
     sampling = rm.Sampling(args.text_tokens, temperature=0)
     real = rm.resolve_model(str(ROOT / "tests" / "configs" / "Qwen--Qwen3-Omni-30B-A3B-Instruct"))
     facts = rm.model_facts(rm.load_config(real, False), real, False)
-    options = rm.Options(output_audio=Path("unused.wav"), sampling=sampling,
+    options = rm.Options(output_audio=Path("unused.wav"), sampling=sampling, compile_layers=args.compile,
                          speech_codes=math.ceil(frames * rm.TALKER_CODES_PER_SECOND / rm.QWEN3_CODES_PER_SECOND))
     plan = rm.choose_plan(rm.detect_hardware(), facts, options)
     print(f"plan for the real model here: {plan.device} {plan.dtype}, estimate {rm.format_bytes(plan.estimate.total)}"
@@ -281,6 +282,23 @@ def qwen3(args) -> None:
             peak = torch.cuda.max_memory_allocated() if cuda else rm.peak_memory("cpu")[0]
             print(f"{'':<16} peak memory {rm.format_bytes(peak)} (plan's estimate for the real model "
                   f"{rm.format_bytes(plan.estimate.total)})")
+
+    if cuda and predictor is not None and predictor.graph is not None:   # where a frame's time goes
+        def per_frame(unit, count: int = 100) -> float:
+            hidden, code, residual = unit.hidden.clone(), unit.code.clone(), unit.residual.clone()
+            unit.frame(hidden, code, residual)
+            sync()
+            begun = time.perf_counter()
+            for _ in range(count):
+                unit.frame(hidden, code, residual)
+            sync()
+            return 1000 * (time.perf_counter() - begun) / count
+        settings = rm.predictor_settings
+        rm.predictor_settings = lambda model, groups: {"do_sample": False, "max_new_tokens": groups - 1}
+        greedy = rm.CodePredictor(model, runtime)
+        rm.predictor_settings = settings
+        print(f"a frame of the code predictor replayed alone: {per_frame(predictor):.2f} ms sampled, "
+              f"{per_frame(greedy):.2f} ms greedy (no top-k/top-p/draws)")
 
 
 if __name__ == "__main__":
