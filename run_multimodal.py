@@ -3866,7 +3866,7 @@ class TalkerFrames:
     token, finish() after the text's end; `frames` [1, 16, n] holds the frames made, `ended` once the talker
     ended the speech."""
 
-    def __init__(self, loaded: Loaded, inputs, prompt_out, extra: dict, stop=None):
+    def __init__(self, loaded: Loaded, inputs, prompt_out, extra: dict, stop=None, chat: ChatCache | None = None):
         import torch
         model, runtime, speech = loaded.model, loaded.runtime, loaded.speech
         self.stop, self.pad_id = stop, model.config.tts_pad_token_id
@@ -3878,7 +3878,7 @@ class TalkerFrames:
         special = project(self.embed_text(torch.tensor([[config.tts_bos_token_id, config.tts_eos_token_id,
                                                          config.tts_pad_token_id]], device=device)))
         self.bos_row, self.eos_row, self.pad_row = special[:, 0:1], special[:, 1:2], special[:, 2:3]
-        self.user = self._user_rows(model, ids, prompt_out)
+        self.user = self._user_rows(model, ids, prompt_out, chat)
         starts = ((ids[0, :-1] == config.im_start_token_id) & (ids[0, 1:] == config.assistant_token_id)).nonzero()
         self.text = ids[0, int(starts[-1]):].tolist()   # the assistant's turn, as the talker reads it: token ids
         self.text_end = None                            # where that text ends, once the thinker has ended
@@ -3910,9 +3910,10 @@ class TalkerFrames:
         self.next_input = torch.zeros((1, talker_config.text_config.hidden_size), dtype=self.talker.dtype,
                                       device=device)   # the talker's next input
 
-    def _user_rows(self, model, ids, prompt_out):
+    def _user_rows(self, model, ids, prompt_out, chat: ChatCache | None):
         """The talker's rows for the prompt's user turns: the thinker's embeddings of their text, projected, and
-        its hidden states of their pictures, videos and recordings, projected."""
+        its hidden states of their pictures, videos and recordings, projected: in a chat, those before what the
+        thinker computed now (`chat.reused`) from the rows kept, the whole prompt's kept for the next turn."""
         import torch
         config = model.config
         thinker_config = config.thinker_config
@@ -3926,9 +3927,15 @@ class TalkerFrames:
         rows = torch.empty((1, ids.shape[-1], self.talker.config.text_config.hidden_size), dtype=self.talker.dtype,
                            device=ids.device)   # the whole prompt's, as generate() projects them, then the user's
         rows[0, ~media] = self.talker.text_projection(self.embed_text(ids[:, ~media]))[0].to(rows.dtype)
-        if bool(media.any()):
+        start = chat.reused if chat is not None else 0
+        kept = media[:min(start, chat.rows.shape[1])] if start else media[:0]   # earlier turns' media: all kept
+        if bool(kept.any()):
+            rows[0, :len(kept)][kept] = chat.rows[0, :len(kept)][kept]
+        if bool(media[start:].any()):
             hidden = prompt_out.hidden_states[config.talker_config.accept_hidden_layer][0]
-            rows[0, media] = self.talker.hidden_projection(hidden[media]).to(rows.dtype)
+            rows[0, start:][media[start:]] = self.talker.hidden_projection(hidden[media[start:]]).to(rows.dtype)
+        if chat is not None:
+            chat.rows = rows
         rows = rows[:, user]
         return rows, ids[:, user]
 
@@ -4191,27 +4198,34 @@ class Code2WavChunks:
 def staged_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: dict, audio: AudioOut,
                   chat: ChatCache | None = None) -> dict:
     """Qwen3-Omni's spoken reply as it is made: the thinker a token at a time, the talker a frame behind each
-    token, code2wav in chunks as frames come, into `audio`. Returns its figures. In a chat the prompt is computed
-    whole each turn (the talker reads the whole prompt's states, not yet kept between turns)."""
+    token, code2wav in chunks as frames come, into `audio`. Returns its figures. In a chat on the fast decoder the
+    thinker computes what its cache lacks, and the talker's rows of the earlier turns' media come from the cache
+    (`rows`); through the parts' own forwards the prompt is computed whole."""
     import torch
     model, prompt = loaded.model, inputs["input_ids"]
-    if chat is not None:
+    if chat is not None and (not loaded.runtime.fast or chat.rows is None):
         chat.forget()
+    chat = chat if loaded.runtime.fast else None
     streamer.put(prompt.cpu())
     media = _has_media(model.thinker, prompt)   # the talker reads their hidden states
-    out, delta = prefill(model.thinker, inputs, extra, None, output_hidden_states=media)
+    out, delta = prefill(model.thinker, inputs, extra, chat, output_hidden_states=media)
     settings = {**sampling.generate_kwargs(), "eos_token_id": model.config.im_end_token_id}   # as generate() ends it
     text = Decoding(loaded.runtime, model.thinker, settings, prompt, out, rope_delta=delta)
-    talker = TalkerFrames(loaded, inputs, out, extra, audio.stop)
+    talker = TalkerFrames(loaded, inputs, out, extra, audio.stop, chat)
     del out
     sound = Code2WavChunks(model.code2wav, loaded.speech.max_codes)
-    for token in text:
-        streamer.put(torch.tensor([token]))
-        talker.feed(token)
-        for samples in sound.add(talker.frames, talker.framed, final=False):
-            audio.add(samples)
-        if token in text.end:
-            break
+    tokens = []
+    try:
+        for token in text:
+            tokens.append(token)
+            streamer.put(torch.tensor([token]))
+            talker.feed(token)
+            for samples in sound.add(talker.frames, talker.framed, final=False):
+                audio.add(samples)
+            if token in text.end:
+                break
+    finally:   # a reply stopped by Ctrl-C stays in the cache as in the conversation
+        text.keep_in(chat, tokens)
     streamer.end()
     talker.finish()
     for samples in sound.add(talker.frames, talker.framed, final=True):

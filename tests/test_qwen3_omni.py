@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import run_multimodal as rm
-from conftest import CONFIGS, SAMPLE_IMAGE, WAV16, assert_one_line_error, run_tool
+from conftest import CONFIGS, GREEDY, SAMPLE_IMAGE, WAV16, assert_one_line_error, run_tool
 
 QWEN3 = CONFIGS / "Qwen--Qwen3-Omni-30B-A3B-Instruct"
 
@@ -234,3 +234,25 @@ def test_inside_a_cuda_graph_tokens_are_drawn_with_multinomials_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
     drawn = np.bincount([int(sampler(None, logits)) for _ in range(20000)], minlength=4) / 20000
     assert np.abs(drawn - [0.5, 0.3, 0.2, 0.0]).max() < 0.015
+
+
+def test_a_spoken_chat_reads_the_earlier_turns_from_the_cache(tiny_models, tmp_path):
+    """Qwen3-Omni in a spoken chat, a recording in the first turn: the second turn computes only what the cache
+    lacks (the thinker's keys and values, the talker's rows of the recording kept), and says and speaks what
+    computing the whole conversation again says and speaks (seeded; the WAVs within a 16-bit step)."""
+    import re
+
+    import soundfile
+
+    def spoken(folder, *flags):
+        folder.mkdir()
+        return run_tool("--model_id", tiny_models["qwen3_omni_speaking"], "--interactive", "--output_audio",
+                        folder / "reply.wav", "--max_speech_seconds", "0.8", "--seed", "3", "--audio_path", WAV16,
+                        *flags, *GREEDY, stdin="Say something\nSay more\n/stats\n")
+    kept, fresh = spoken(tmp_path / "kept"), spoken(tmp_path / "fresh", "--no_kv_reuse")
+    assert kept.returncode == fresh.returncode == 0, kept.stderr + fresh.stderr
+    assert kept.stdout == fresh.stdout and len(kept.stdout.splitlines()) == 2
+    for turn in (1, 2):
+        ours, theirs = (soundfile.read(tmp_path / side / f"reply-{turn}.wav")[0] for side in ("kept", "fresh"))
+        assert len(ours) == len(theirs) > 0 and np.abs(ours - theirs).max() <= 1 / 32767 + 1e-9
+    assert re.search(r"prompt \d+ tokens \([1-9]\d* reused, \d+ computed\)", kept.stderr) and "reused" not in fresh.stderr
