@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -1053,7 +1054,7 @@ def prepare_inputs(processor, messages: list[dict], device, media: Media | None 
 def _remembering(processor, memo: dict):
     """The processor's image processor and audio feature extractor, for the while, taking what they made of a
     picture or a recording before from `memo` (by the object, which stays in the conversation): their outputs for
-    several are the ones they make for each alone, in order (each recording is padded to 30 s alone)."""
+    several are the ones they make for each alone, in order, recordings padded to the longest."""
     import numpy as np
     import torch
     from transformers import BatchFeature
@@ -1072,9 +1073,14 @@ def _remembering(processor, memo: dict):
                     if memo.get(id(item), (None,))[0] is not item:
                         memo[id(item)] = item, own([item], *args, **kwargs)
                     made.append(memo[id(item)][1])
-                return BatchFeature({key: torch.cat([one[key] for one in made]) if torch.is_tensor(made[0][key]) else
-                                     np.concatenate([one[key] for one in made]) for key in made[0]})
+                return BatchFeature({key: joined([one[key] for one in made]) for key in made[0]})
         return Remembering()
+
+    def joined(parts):   # recordings padded to the longest, as the extractor pads a batch (Qwen3-Omni's: the mask
+        longest = max(part.shape[-1] for part in parts)   # says where each ends; Qwen2.5-Omni's are all 30 s)
+        parts = [np.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, longest - part.shape[-1])]) if not torch.is_tensor(part)
+                 else torch.nn.functional.pad(part, (0, longest - part.shape[-1])) for part in parts]
+        return torch.cat(parts) if torch.is_tensor(parts[0]) else np.concatenate(parts)
     owned = {name: getattr(processor, name) for name in ("image_processor", "feature_extractor")
              if getattr(processor, name, None) is not None}
     for name, own in owned.items():
@@ -4987,6 +4993,8 @@ def _chat_turn(conversation: Conversation, run_turn) -> Interrupted | None:
                                                                          exc.first_sound else ""))
         return exc
     except Exception as exc:   # out of memory, a bad turn: the session goes on
+        if conversation.options.debug:
+            traceback.print_exc()
         conversation.take_back()
         what = one_line(exc) if isinstance(exc, (UsageError, RunError)) else f"{type(exc).__name__}: {one_line(exc, 300)}"
         say(f"Error: {'out of memory; /clear starts a shorter conversation' if is_out_of_memory(exc) else what}")
@@ -5416,7 +5424,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(exc: Exception, code: int, debug: bool) -> int:
     if debug:
-        import traceback
         traceback.print_exception(exc)
     print(f"Error: {one_line(exc) or type(exc).__name__}", file=sys.stderr, flush=True)
     return code

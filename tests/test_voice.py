@@ -119,8 +119,24 @@ def test_speaking_over_the_reply_stops_it_and_the_history_keeps_what_was_heard(t
         [round(end - start, 1) for start, end, _ in turns_of(err)]
 
 
+def test_qwen3_omni_talks_too(tiny_models, tmp_path):
+    """The speaking Qwen3-Omni: two questions, two turns, each reply printed and played (the second turn from the
+    conversation's cache)."""
+    log = tmp_path / "sound.log"
+    result = talk(tiny_models["qwen3_omni_speaking"], f"{QUESTION}@0.5,{MORE}@5.0", "--max_speech_seconds", "1",
+                  *REPLY, log=log)
+    assert result.returncode == 0, result.stderr
+    assert len(turns_of(result.stderr)) == 2 and len([line for line in result.stdout.splitlines() if line.strip()]) == 2
+    import re
+    played = [float(seconds) for seconds in re.findall(r"🔊 Played (\d+\.\d) s of speech", result.stderr)]
+    assert len(played) == 2 and min(played) >= 0.8 and "hears but does not speak" not in result.stderr
+    sound = [float(peak) for kind, wall, peak in (line.split() for line in log.read_text().splitlines())
+             if kind == "out"]
+    assert sum(peak > 0 for peak in sound) >= 2 * 0.7 / 0.02   # most of each reply, in 20 ms blocks
+
+
 def test_a_model_that_hears_but_cannot_speak_answers_in_text(tiny_models):
-    """Qwen3-Omni (its talker not run here yet): said once before loading, each turn answered in text."""
+    """Qwen3-Omni without its talker: said once before loading, each turn answered in text."""
     result = talk(tiny_models["qwen3_omni"], f"{QUESTION}@0.3", *REPLY)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("hears but does not speak here: its replies come in text") == 1
