@@ -126,6 +126,7 @@ QWEN3_CODES_PER_SECOND = 12.5            # Qwen3-Omni's talker: a frame of 16 co
 QWEN3_CHUNK_FRAMES = (2, 4, 8, 16)       # its chunks of sound: a short first one (0.16 s) comes soon, then longer
 CODE2WAV_CONTEXT_FRAMES = 12             # frames its convolutions rerun before a chunk (they reach 9.1 back)
 CODE2WAV_AHEAD_FRAMES = 1                # frames after a chunk they read (its transposed convolutions look ahead)
+QWEN3_CODES_LAG = 4                      # frames the device may run ahead of the codes read back (where it may)
 SPEAKING_MODEL_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
 # Speech in chunks: token2wav's DiT attends within blocks of 24 mel frames (2 per code), one block ahead
 # and two back across its layers; its vocoder makes SPEECH_HOP samples of each mel frame
@@ -3911,7 +3912,9 @@ class TalkerFrames:
         self.residual = torch.ones((2, self.groups - 1), dtype=torch.long, device=device)
         self.frames = torch.zeros((1, self.groups, self.budget), dtype=torch.long, device=device)
         self.made = self.framed = 0   # first codes drawn; frames complete (their 15 codes drawn)
-        self.ended, self.steps = False, None
+        self.steps, self.total, self.read = None, None, 0   # frames of speech, once known; first codes read back
+        self.queue = runtime.queue()
+        self.queue.reserve(2 * (self.budget + 1), torch.long)
         self.talker_s = self.predictor_s = 0.0
         self.next_input = torch.zeros((1, talker_config.text_config.hidden_size), dtype=self.talker.dtype,
                                       device=device)   # the talker's next input
@@ -3969,13 +3972,38 @@ class TalkerFrames:
         self.text_end = max(len(self.text) - 1, 4)
         if self.steps is None:
             self._start()
-        self._step_while(lambda: True)
+        self._step_while(lambda: True, final=True)
 
-    def _step_while(self, more) -> None:
+    def _step_while(self, more, final: bool = False) -> None:
+        """Frames while `more()`; `final`: the text has ended, so on until the talker's end (or its budget)."""
         while not self.ended and self.made < self.budget and more():
             if self.stop is not None and self.stop.is_set():   # Enter, or a voice over the reply
                 raise KeyboardInterrupt
             self._step()
+            self._read(self.runtime.lag and QWEN3_CODES_LAG)
+        if final:   # every code read: where the speech ends is known
+            self._read(0)
+            if self.total is None:   # the budget: the last first code has no frame
+                self.total = self.made - 1
+
+    @property
+    def ended(self) -> bool:
+        return self.total is not None
+
+    @property
+    def available(self) -> int:
+        """The frames known to be speech: made, their codes read back finite, before the talker's end."""
+        return min(self.framed, max(self.read - 1, 0)) if self.total is None else min(self.framed, self.total)
+
+    def _read(self, keep: int) -> None:
+        """The first codes that came back, all but the `keep` newest (the device runs ahead by them): where the
+        talker ended the speech, once one of them is its end; the frames' codes checked finite."""
+        for code, finite in (value.tolist() for value in self.queue.take(keep)):
+            if not finite:
+                raise NonFiniteLogits()
+            if self.total is None and code == self.talker.config.codec_eos_token_id:
+                self.total = self.read   # the frames before it
+            self.read += 1
 
     def _start(self) -> None:
         """The talker's prompt: the user turns, then the assistant's first three tokens over zeros, four pads over
@@ -4002,6 +4030,7 @@ class TalkerFrames:
                      output_hidden_states=True,
                      use_audio_in_video=self.extra.get("use_audio_in_video", False), **extra)
         self._choose(out.logits[:, -1].float())
+        self._read(0)
         self.prompt_length = ids.shape[1]
         if self.runtime.fast:
             self.steps = self.runtime.steps(talker, cache_of(out), ids.shape[1], self.budget, decoder=talker.model,
@@ -4014,12 +4043,13 @@ class TalkerFrames:
         self.talker_s += time.perf_counter() - start
 
     def _choose(self, logits) -> None:
+        """The next first code, on the device, on its way to the host with whether its logits, and the frame
+        before's codes, were finite."""
         choose_token(self.sampler, self.ids, logits, self.made)
-        code, finite = self.ids[:, self.made].tolist()
-        if not finite:
-            raise NonFiniteLogits()
+        if self.made:
+            self.ids[1, self.made] &= self.residual[1].all()
+        self.queue.put(self.ids[:, self.made])
         self.made += 1
-        self.ended = code == self.talker.config.codec_eos_token_id
 
     def _step(self) -> None:
         """The frame of the last first code (its 15 codes from the code predictor), then the next first code."""
@@ -4030,8 +4060,6 @@ class TalkerFrames:
         else:
             total = self._residuals_by_forward(self.talker.get_input_embeddings()(code.view(1, 1)).view(1, -1))
         self.next_input.copy_(total + self._row(3 + self.made).view(1, -1))
-        if not bool(self.residual[1].all()):
-            raise NonFiniteLogits()
         self.frames[0, 0, self.framed] = code.view(())
         self.frames[0, 1:, self.framed] = self.residual[0]
         self.framed += 1
@@ -4226,7 +4254,7 @@ def staged_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: d
             tokens.append(token)
             streamer.put(torch.tensor([token]))
             talker.feed(token)
-            for samples in sound.add(talker.frames, talker.framed, final=False):
+            for samples in sound.add(talker.frames, talker.available, final=False):
                 audio.add(samples)
             if token in text.end:
                 break
@@ -4234,9 +4262,9 @@ def staged_speech(loaded: Loaded, inputs, sampling: Sampling, streamer, extra: d
         text.keep_in(chat, tokens)
     streamer.end()
     talker.finish()
-    for samples in sound.add(talker.frames, talker.framed, final=True):
+    for samples in sound.add(talker.frames, talker.available, final=True):
         audio.add(samples)
-    return {"speech_codes": talker.framed, "token2wav_s": sound.seconds,
+    return {"speech_codes": talker.available, "token2wav_s": sound.seconds,
             "talker_ms_per_code": 1000 * (talker.talker_s - talker.predictor_s) / max(talker.made, 1),
             "predictor_ms_per_frame": 1000 * talker.predictor_s / max(talker.framed, 1)}
 

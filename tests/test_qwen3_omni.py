@@ -256,3 +256,35 @@ def test_a_spoken_chat_reads_the_earlier_turns_from_the_cache(tiny_models, tmp_p
         ours, theirs = (soundfile.read(tmp_path / side / f"reply-{turn}.wav")[0] for side in ("kept", "fresh"))
         assert len(ours) == len(theirs) > 0 and np.abs(ours - theirs).max() <= 1 / 32767 + 1e-9
     assert re.search(r"prompt \d+ tokens \([1-9]\d* reused, \d+ computed\)", kept.stderr) and "reused" not in fresh.stderr
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["budget", "talker-end"])
+def test_codes_read_back_behind_the_device_change_nothing(qwen3, monkeypatch, ended):
+    """On a GPU the talker runs QWEN3_CODES_LAG frames ahead of the codes read back (no wait for the GPU each
+    frame), so where the speech ends is known late: the frames past it are made and dropped. Simulated here (a
+    runtime with a lag, on the CPU): the same frames and wave as reading each code at once, whether the reply
+    ends at the budget or where the talker ends it (its end code taken, for this test, as one it draws at frame
+    6)."""
+    import torch
+    loaded, inputs = qwen3
+
+    def reply(lag: int):
+        seen = []
+        add = rm.Code2WavChunks.add
+
+        def spy(self, all_frames, available, final):
+            seen[:] = all_frames[0, :, :available].tolist()
+            return add(self, all_frames, available, final)
+        monkeypatch.setattr(rm.Code2WavChunks, "add", spy)
+        speaking = dataclasses.replace(loaded, speech=rm.Speech("Ethan", max_codes=20),
+                                       runtime=dataclasses.replace(loaded.runtime, lag=lag))
+        torch.manual_seed(7)
+        with torch.inference_mode():
+            answer = rm.generate_answer(speaking, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE)
+        return answer, seen
+    if ended:
+        first = reply(0)[1][0]
+        monkeypatch.setattr(loaded.model.talker.config, "codec_eos_token_id", first[6])
+    (at_once, frames), (behind, late) = reply(0), reply(8)
+    assert len(frames[0]) == (first.index(first[6]) if ended else 19) and late == frames
+    assert np.array_equal(at_once.wav, behind.wav) and behind.speech_figures["speech_codes"] == len(frames[0])
