@@ -63,13 +63,17 @@ class _Stream:
 
     def start(self):
         self.running = True
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def stop(self):
+        """As PortAudio's Pa_StopStream: once it returns, the callback is not running (and will not run again)."""
         self.running = False
+        thread = getattr(self, "thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
-    def close(self):
-        self.running = False
+    close = stop
 
     abort = stop
 
