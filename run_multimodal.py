@@ -2626,7 +2626,8 @@ class Runtime:
     #                            "graph" (each step one CUDA graph), "compiled" (the graph of compiled layers),
     #                            "stages" (Qwen3-Omni's spoken reply: each part's own forward, a step at a time)
     reason: str                # the line that says which, and why
-    speaks: bool = False       # the talker and token2wav make a spoken reply: asked for, and the model has them
+    speaks: str = ""           # what makes a spoken reply, when one is asked for: "token2wav" (Qwen2.5-Omni's talker
+    #                            and token2wav), "code2wav" (Qwen3-Omni's talker, code predictor and code2wav)
     lag: int = 0               # tokens the device may run ahead of the text read back
     draw_on_cpu: bool = False  # MPS can draw tokens of probability zero (pytorch#192577): draw on the CPU
 
@@ -2665,7 +2666,7 @@ def choose_runtime(model, device: str, options: Options) -> Runtime:
     """How this model answers here: transformers' generate(), or the FastDecoder one step at a time, as a CUDA
     graph per step, or as a CUDA graph of compiled layers; for a spoken reply, the thinker and the talker both."""
     import torch
-    speaks = options.speaks
+    speaks = ("code2wav" if hasattr(model, "code2wav") else "token2wav") if options.speaks else ""
     if speaks and not getattr(model, "has_talker", False):
         raise RunError(f"{flag_of_speech(options)}: {type(model).__name__} was loaded without its talker, so it "
                        "cannot speak; drop the flag, or use a complete Qwen2.5-Omni checkpoint")
@@ -2682,7 +2683,7 @@ def choose_runtime(model, device: str, options: Options) -> Runtime:
         return Runtime(device, "generate", f"{slow} (--no_fast_decode)", speaks)
     why_not = fast_decoding_unsupported(thinker) or (speaks and fast_decoding_unsupported(model.talker,
                                                                                            model.talker.model))
-    if why_not and speaks and hasattr(model, "code2wav") and settings is not None:   # Qwen3-Omni
+    if why_not and speaks == "code2wav" and settings is not None:
         return Runtime(device, "stages", f"⚡ The spoken reply streamed through each part's own forward pass, a step at "
                        f"a time (the fast decoder does not handle {why_not}): the talker a frame behind each text "
                        "token, code2wav in chunks as the frames come (--no_fast_decode: transformers' generate(), the "
@@ -2742,9 +2743,8 @@ def load(info: ModelInfo, plan: Plan, hw: Hardware, options: Options, speech: Sp
     say(describe_sampling(model.generation_config, options.sampling))
     runtime = choose_runtime(model, plan.device, options)
     say(runtime.reason)
-    fast_speech = runtime.speaks and runtime.fast
-    token2wav = token2wav_for(model, speech, runtime) if fast_speech and hasattr(model, "token2wav") else None
-    predictor = code_predictor_for(model, runtime) if fast_speech and hasattr(model, "code2wav") else None
+    token2wav = token2wav_for(model, speech, runtime) if runtime.fast and runtime.speaks == "token2wav" else None
+    predictor = code_predictor_for(model, runtime) if runtime.fast and runtime.speaks == "code2wav" else None
     return Loaded(model, processor, plan, load_s, device_map, runtime, speech if runtime.speaks else None, token2wav,
                   predictor)
 
@@ -4413,7 +4413,7 @@ def generate_answer(loaded: Loaded, inputs, sampling: Sampling, show: str, use_a
     start = time.perf_counter()
     audio, figures = AudioOut(speech.play, start, stop) if runtime.speaks else None, {}
     try:
-        if runtime.speaks and runtime.decoder != "generate" and hasattr(model, "code2wav"):   # Qwen3-Omni
+        if runtime.speaks == "code2wav" and runtime.decoder != "generate":
             figures = staged_speech(loaded, inputs, sampling, streamer, extra, audio, chat)
         elif runtime.fast and runtime.speaks:
             figures = fast_speech(loaded, inputs, sampling, streamer, extra, audio, chat)

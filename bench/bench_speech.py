@@ -242,7 +242,7 @@ def qwen3(args) -> None:
     inputs = rm.prepare_inputs(processor, rm.build_messages(PROMPT, rm.SPEECH_SYSTEM_PROMPT, media, "omni"),
                                model.device, media)
 
-    forward = rm.Runtime(runtime.device, "stages", "", speaks=True)
+    forward = dataclasses.replace(runtime, decoder="stages", lag=0)
 
     def tool(label: str, staged: bool = False) -> None:
         torch.manual_seed(0)

@@ -104,7 +104,7 @@ def qwen3(tiny_models):
     plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker", "talker", "code2wav"))
     model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
     runtime = rm.choose_runtime(model, "cpu", SPEAKING)
-    assert (runtime.decoder, runtime.speaks) == ("step", True) and "the talker too" in runtime.reason
+    assert (runtime.decoder, runtime.speaks) == ("step", "code2wav") and "the talker too" in runtime.reason
     plain = rm.choose_runtime(model, "cpu", dataclasses.replace(SPEAKING, fast_decode=False))
     assert plain.decoder == "generate" and "(--no_fast_decode)" in plain.reason
     media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))], audios=[rm.load_audio(str(WAV16))])
@@ -114,8 +114,9 @@ def qwen3(tiny_models):
                      predictor=rm.code_predictor_for(model, runtime)), inputs
 
 
-def streamed(qwen3, frames: int, seed: int, monkeypatch, runtime=None) -> tuple[rm.Answer, list]:
-    """The tool's spoken reply, and the frames code2wav was given (seen by wrapping Code2WavChunks.add)."""
+def streamed(qwen3, frames: int, seed: int, monkeypatch, runtime=None, forced: bool = True) -> tuple[rm.Answer, list]:
+    """The tool's spoken reply, `frames` long (`forced`) or at most, and the frames code2wav was given (seen by
+    wrapping Code2WavChunks.add)."""
     import torch
     loaded, inputs = qwen3
     seen = []
@@ -125,7 +126,7 @@ def streamed(qwen3, frames: int, seed: int, monkeypatch, runtime=None) -> tuple[
         seen[:] = all_frames[0, :, :available].tolist()
         return add(self, all_frames, available, final)
     monkeypatch.setattr(rm.Code2WavChunks, "add", spy)
-    speaking = dataclasses.replace(loaded, speech=rm.Speech("Ethan", max_codes=frames, min_codes=frames),
+    speaking = dataclasses.replace(loaded, speech=rm.Speech("Ethan", max_codes=frames, min_codes=frames * forced),
                                    runtime=runtime or loaded.runtime)
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -157,7 +158,7 @@ def generated(qwen3, frames: int, seed: int) -> tuple[str, list, np.ndarray]:
 
 
 # the fast decoder's steps (thinker, talker, code predictor), and each part's own forward (for what it cannot run)
-STAGES = rm.Runtime("cpu", "stages", "", speaks=True)
+STAGES = rm.Runtime("cpu", "stages", "", speaks="code2wav")
 
 
 @pytest.mark.parametrize("seed, runtime", [(5, None), (11, None), (11, STAGES)], ids=["5", "11", "11-forward"])
@@ -265,23 +266,10 @@ def test_codes_read_back_behind_the_device_change_nothing(qwen3, monkeypatch, en
     runtime with a lag, on the CPU): the same frames and wave as reading each code at once, whether the reply
     ends at the budget or where the talker ends it (its end code taken, for this test, as one it draws at frame
     6)."""
-    import torch
-    loaded, inputs = qwen3
+    loaded = qwen3[0]
 
     def reply(lag: int):
-        seen = []
-        add = rm.Code2WavChunks.add
-
-        def spy(self, all_frames, available, final):
-            seen[:] = all_frames[0, :, :available].tolist()
-            return add(self, all_frames, available, final)
-        monkeypatch.setattr(rm.Code2WavChunks, "add", spy)
-        speaking = dataclasses.replace(loaded, speech=rm.Speech("Ethan", max_codes=20),
-                                       runtime=dataclasses.replace(loaded.runtime, lag=lag))
-        torch.manual_seed(7)
-        with torch.inference_mode():
-            answer = rm.generate_answer(speaking, inputs, rm.Sampling(TEXT_TOKENS, temperature=0), rm.SHOW_NONE)
-        return answer, seen
+        return streamed(qwen3, 20, 7, monkeypatch, dataclasses.replace(loaded.runtime, lag=lag), forced=False)
     if ended:
         first = reply(0)[1][0]
         monkeypatch.setattr(loaded.model.talker.config, "codec_eos_token_id", first[6])

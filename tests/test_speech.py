@@ -26,7 +26,7 @@ def omni(tiny_models):
     plan = rm.Plan("cpu", "float32", None, "", (), components=("thinker", "talker", "token2wav"))
     model, processor = rm.load_model(info, plan, rm.simulated_hardware("cpu:8"))
     runtime = rm.choose_runtime(model, "cpu", SPEAKING)
-    assert (runtime.decoder, runtime.speaks) == ("step", True) and "the talker too" in runtime.reason
+    assert (runtime.decoder, runtime.speaks) == ("step", "token2wav") and "the talker too" in runtime.reason
     plain = rm.choose_runtime(model, "cpu", dataclasses.replace(SPEAKING, fast_decode=False))
     assert not plain.fast and "for the text and the spoken reply (--no_fast_decode)" in plain.reason
     media = rm.Media(images=[rm.load_image(str(SAMPLE_IMAGE))])
